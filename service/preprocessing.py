@@ -1,0 +1,222 @@
+"""Preprocessing shared by training and serving: numpy and Pillow only, never torch.
+
+Everything a model's input or output depends on is defined here once: pixel scaling and
+normalisation, the resize rule for uploads, the SST-2 tokenizer, the codec's latent
+quantization and the generator's seeded latents. `training/` and `service/` both import
+this module, so the two can never drift apart. The constants that vary per model (mean/std,
+quantization bits, vocabulary) live in each model's metadata in `exported/`.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+from PIL import Image, ImageOps
+
+IMAGE_SIZE = 28  # every image model works on 28×28 grey images
+
+# --------------------------------------------------------------------------- images
+
+
+def scale_pixels(images: np.ndarray) -> np.ndarray:
+    """uint8 pixels in [0, 255] -> float32 in [0, 1]; keeps the shape."""
+    return images.astype(np.float32) / 255.0
+
+
+def normalize(images: np.ndarray, mean: float, std: float) -> np.ndarray:
+    """Per-dataset standardisation applied to [0, 1] pixels before a classifier."""
+    return ((images - np.float32(mean)) / np.float32(std)).astype(np.float32)
+
+
+def to_grey_square(img: Image.Image, invert: str = "none") -> np.ndarray:
+    """A decoded upload -> float32 (28, 28) in [0, 1], MNIST-style.
+
+    The rule: apply EXIF orientation, take the first frame, composite alpha over white,
+    convert to 8-bit grey, optionally invert so the subject is light on dark (`invert` is
+    "none", "always" or "auto": auto inverts when the border is brighter than the middle,
+    i.e. a dark digit on light paper), pad to a square with the background colour, then
+    resize to 28×28 with a box filter (area averaging) for downscaling, bilinear for upscaling.
+    """
+    img = ImageOps.exif_transpose(img) or img
+    if getattr(img, "n_frames", 1) > 1:
+        img.seek(0)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr16 = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if arr16.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr16 / peak * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    grey = np.asarray(img.convert("L"), dtype=np.uint8)  # (H, W)
+    if invert == "always" or (invert == "auto" and _looks_dark_on_light(grey)):
+        grey = 255 - grey
+    return scale_pixels(_square_resize(grey))
+
+
+def _looks_dark_on_light(grey: np.ndarray) -> bool:
+    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
+    return float(border.mean()) > 127.5
+
+
+def _square_resize(grey: np.ndarray) -> np.ndarray:
+    h, w = grey.shape
+    if (h, w) == (IMAGE_SIZE, IMAGE_SIZE):
+        return grey
+    side = max(h, w)
+    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
+    fill = int(np.median(border))
+    canvas = np.full((side, side), fill, dtype=np.uint8)
+    top, left = (side - h) // 2, (side - w) // 2
+    canvas[top : top + h, left : left + w] = grey
+    resample = Image.Resampling.BOX if side > IMAGE_SIZE else Image.Resampling.BILINEAR
+    out = Image.fromarray(canvas).resize((IMAGE_SIZE, IMAGE_SIZE), resample)
+    return np.asarray(out, dtype=np.uint8)
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """Float pixels in [0, 1] (any shape) -> uint8, rounded and clipped."""
+    return np.clip(np.rint(images * 255.0), 0, 255).astype(np.uint8)
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """A (H, W) float image in [0, 1] -> PNG bytes (deterministic for equal input)."""
+    buf = io.BytesIO()
+    Image.fromarray(to_uint8(image), mode="L").save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def grid(images: np.ndarray, cols: int | None = None, pad: int = 2) -> np.ndarray:
+    """(N, H, W) images in [0, 1] -> one (rows*(H+pad)+pad, cols*(W+pad)+pad) grid image."""
+    n, h, w = images.shape
+    cols = cols or int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    out = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad), dtype=np.float32)
+    for i, img in enumerate(images):
+        r, c = divmod(i, cols)
+        y, x = pad + r * (h + pad), pad + c * (w + pad)
+        out[y : y + h, x : x + w] = img
+    return out
+
+
+def add_gaussian_noise(images: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    """The denoiser's corruption: x + N(0, sigma^2), clipped to [0, 1]."""
+    noise = rng.standard_normal(images.shape, dtype=np.float32) * np.float32(sigma)
+    return np.clip(images + noise, 0.0, 1.0).astype(np.float32)
+
+
+def psnr(reference: np.ndarray, estimate: np.ndarray) -> np.ndarray:
+    """Per-image PSNR in dB for images in [0, 1]; leading axis is the batch."""
+    axes = tuple(range(1, reference.ndim))
+    mse = np.mean((reference.astype(np.float64) - estimate.astype(np.float64)) ** 2, axis=axes)
+    return 10.0 * np.log10(1.0 / np.maximum(mse, 1e-12))
+
+
+# --------------------------------------------------------------------------- text
+
+PAD, UNK = 0, 1  # reserved ids at the start of every vocabulary
+MAX_TOKENS = 128  # longer texts are truncated to their first MAX_TOKENS tokens
+
+# SST-2 is lower-cased and PTB-tokenized ("it 's a charming , funny film . ").
+# Raw client text is brought to that form: contractions split, punctuation separated.
+_CONTRACTION = re.compile(r"(?i)(\w)(n't|'s|'re|'ve|'ll|'d|'m)\b")
+_TOKEN = re.compile(r"n't|'s|'re|'ve|'ll|'d|'m|[a-z0-9]+(?:[-'][a-z0-9]+)*|[^\sa-z0-9]", re.I)
+_QUOTES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u201c": '"', "\u201d": '"', "`": "'"})
+
+
+def tokenize(text: str) -> list[str]:
+    """Raw text -> SST-2-style tokens: lower-case, contractions and punctuation split."""
+    text = text.translate(_QUOTES).lower()
+    text = _CONTRACTION.sub(r"\1 \2", text)
+    return _TOKEN.findall(text)
+
+
+def build_vocab(token_lists: Iterable[Sequence[str]], min_freq: int = 1) -> list[str]:
+    """Tokens seen at least `min_freq` times, most frequent first, after <pad> and <unk>."""
+    counts: dict[str, int] = {}
+    for tokens in token_lists:
+        for tok in tokens:
+            counts[tok] = counts.get(tok, 0) + 1
+    kept = sorted((t for t, c in counts.items() if c >= min_freq), key=lambda t: (-counts[t], t))
+    return ["<pad>", "<unk>", *kept]
+
+
+def encode(tokens: Sequence[str], index: dict[str, int], max_tokens: int = MAX_TOKENS) -> list[int]:
+    """Tokens -> ids, unknown words -> UNK, truncated to `max_tokens`."""
+    return [index.get(tok, UNK) for tok in tokens[:max_tokens]]
+
+
+def pad_batch(sequences: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Id lists -> (tokens (B, T) int64 right-padded with PAD, lengths (B,) int64)."""
+    lengths = np.array([len(s) for s in sequences], dtype=np.int64)
+    tokens = np.full((len(sequences), max(1, int(lengths.max(initial=1)))), PAD, dtype=np.int64)
+    for i, seq in enumerate(sequences):
+        tokens[i, : len(seq)] = seq
+    return tokens, lengths
+
+
+# --------------------------------------------------------------------------- codec
+
+
+def quantize(latent: np.ndarray, bits: int) -> np.ndarray:
+    """Encoder output in [0, 1], (B, D) -> integer levels in [0, 2^bits - 1], uint8."""
+    levels = (1 << bits) - 1
+    return np.clip(np.rint(latent * levels), 0, levels).astype(np.uint8)
+
+
+def dequantize(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Integer levels (B, D) -> decoder input in [0, 1], float32."""
+    return (codes.astype(np.float32) / np.float32((1 << bits) - 1)).astype(np.float32)
+
+
+def code_bytes(dim: int, bits: int) -> int:
+    """Size in bytes of one packed code."""
+    return (dim * bits + 7) // 8
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> list[bytes]:
+    """Levels (B, D) uint8 -> one packed byte string per row, big-endian bit order."""
+    bit_planes = np.unpackbits(codes[..., None], axis=-1)[..., 8 - bits :]  # (B, D, bits)
+    flat = bit_planes.reshape(codes.shape[0], -1)
+    return [np.packbits(row).tobytes() for row in flat]
+
+
+def unpack_codes(blobs: Sequence[bytes], dim: int, bits: int) -> np.ndarray:
+    """Inverse of pack_codes; every blob must be exactly code_bytes(dim, bits) long."""
+    n = code_bytes(dim, bits)
+    if any(len(b) != n for b in blobs):
+        raise ValueError(f"each code must be {n} bytes")
+    raw = np.frombuffer(b"".join(blobs), dtype=np.uint8).reshape(len(blobs), n)
+    bit_rows = np.unpackbits(raw, axis=1)[:, : dim * bits].reshape(len(blobs), dim, bits)
+    weights = (1 << np.arange(bits - 1, -1, -1)).astype(np.uint8)
+    return (bit_rows * weights).sum(axis=-1).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- generator
+
+
+def sample_latents(
+    n: int, dim: int, seed: int, digit: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded generator inputs: z (n, dim) float32 ~ N(0, 1), digits (n,) int64.
+
+    A fixed digit repeats it n times; None draws digits uniformly from the same stream,
+    so (n, digit, seed) fully determines the images.
+    """
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((n, dim), dtype=np.float32)
+    if digit is None:
+        digits = rng.integers(0, 10, size=n, dtype=np.int64)
+    else:
+        digits = np.full(n, digit, dtype=np.int64)
+    return z, digits
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64 for stable probabilities, returned as float32."""
+    shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)
+    e = np.exp(shifted)
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)

@@ -1,0 +1,87 @@
+"""deploy/k8s validates offline against the Kubernetes schemas, and its parts fit together."""
+
+from __future__ import annotations
+
+import copy
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+K8S = REPO / "deploy" / "k8s"
+VERSION = "1.30.0"
+CRDS = {"ServiceMonitor"}  # not in the core schemas: checked by test_service_monitor_selects_the_service
+
+
+def docs() -> dict[str, dict]:
+    out = {}
+    for path in sorted(K8S.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            out[f"{doc['kind']}/{doc['metadata']['name']}"] = doc
+    return out
+
+
+DOCS = docs()
+
+
+@pytest.mark.parametrize("key", [k for k, d in DOCS.items() if d["kind"] not in CRDS])
+def test_manifest_is_valid_against_the_kubernetes_schema(key):
+    kubernetes_validate.validate(DOCS[key], VERSION, strict=True)
+
+
+def test_the_validator_rejects_a_broken_manifest():
+    broken = copy.deepcopy(DOCS["Deployment/deepserve"])
+    broken["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGet"]["port"] = {"not": "a port"}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, VERSION, strict=True)
+    broken = copy.deepcopy(DOCS["Deployment/deepserve"])
+    broken["spec"]["replicaz"] = 3
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, VERSION, strict=True)
+
+
+def container(deployment: str) -> dict:
+    return DOCS[f"Deployment/{deployment}"]["spec"]["template"]["spec"]["containers"][0]
+
+
+@pytest.mark.parametrize("name", ["deepserve", "deepserve-gpu"])
+def test_deployment_probes_resources_and_graceful_termination(name):
+    dep = DOCS[f"Deployment/{name}"]
+    assert dep["spec"]["selector"]["matchLabels"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+    c = container(name)
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/livez"
+    assert {"cpu", "memory"} <= set(c["resources"]["requests"]) and c["resources"]["limits"]["memory"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    timeout = float(env.get("DEEPSERVE_REQUEST_TIMEOUT_S", 30))
+    pre_stop = c["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > timeout + pre_stop
+
+
+def test_gpu_variant_asks_for_a_gpu_and_refuses_cpu_fallback():
+    c = container("deepserve-gpu")
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert {"name": "DEEPSERVE_DEVICE", "value": "cuda"} in c["env"]
+
+
+def test_service_hpa_and_pdb_point_at_the_deployment():
+    pod_labels = DOCS["Deployment/deepserve"]["spec"]["template"]["metadata"]["labels"]
+    svc = DOCS["Service/deepserve"]
+    assert svc["spec"]["selector"].items() <= pod_labels.items()
+    port_names = {p["name"] for p in container("deepserve")["ports"]}
+    assert {p["targetPort"] for p in svc["spec"]["ports"]} <= port_names
+    assert DOCS["HorizontalPodAutoscaler/deepserve"]["spec"]["scaleTargetRef"]["name"] == "deepserve"
+    hpa = DOCS["HorizontalPodAutoscaler/deepserve"]["spec"]
+    assert hpa["minReplicas"] >= DOCS["PodDisruptionBudget/deepserve"]["spec"]["minAvailable"] + 1
+    assert DOCS["PodDisruptionBudget/deepserve"]["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+
+
+def test_service_monitor_selects_the_service():
+    sm = DOCS["ServiceMonitor/deepserve"]
+    assert sm["apiVersion"] == "monitoring.coreos.com/v1"
+    svc = DOCS["Service/deepserve"]
+    assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+    assert {e["port"] for e in sm["spec"]["endpoints"]} <= {p["name"] for p in svc["spec"]["ports"]}
+    assert all(e["path"] == "/metrics" for e in sm["spec"]["endpoints"])

@@ -1,0 +1,50 @@
+"""Every family trains one step, exports, and passes the ONNX parity check (`--dry-run`)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+FAMILIES = {"digits": ["digits"], "fashion": ["fashion"], "sentiment": ["sentiment"],
+            "generator": ["generator"], "codec": ["encoder", "decoder"], "denoiser": ["denoiser"]}  # fmt: skip
+DATA = os.environ.get("DEEPSERVE_DATA_DIR", str(REPO.parent / "shared" / "datasets"))
+
+
+def run_training(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "training", *args], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, timeout=300)  # fmt: skip
+
+
+@pytest.mark.skipif(not os.path.isdir(DATA), reason="real datasets not present")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dry_run_trains_exports_and_passes_parity(family, tmp_path):
+    out = run_training(family, "--dry-run", "--out", str(tmp_path), "--data-dir", DATA)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"{family} epoch 1/1" in out.stdout
+    for name in FAMILIES[family]:
+        meta = json.loads((tmp_path / f"{name}.json").read_text())
+        parity = meta["parity"]["max_abs_diff"]
+        assert set(parity) == {"batch_1", "batch_64"}
+        assert max(parity.values()) <= 1e-4
+        assert meta["parity"]["exporter"] == "torch.onnx.export(dynamo=False)"
+        assert (tmp_path / f"{name}.onnx").stat().st_size == meta["size_bytes"]
+        assert not (tmp_path / f"{name}.onnx.data").exists()  # single-file ONNX
+    manifest = json.loads((tmp_path / "manifest.json").read_text())["models"]
+    assert set(FAMILIES[family]) <= set(manifest)
+
+
+def test_missing_data_fails_with_a_message_naming_the_file(tmp_path):
+    out = run_training("digits", "--dry-run", "--out", str(tmp_path), "--data-dir", str(tmp_path / "nowhere"))
+    assert out.returncode == 2
+    assert "missing dataset file" in out.stderr and "train-images-idx3-ubyte.gz" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_help_lists_the_config_flags_with_defaults():
+    out = run_training("codec", "--help")
+    assert out.returncode == 0
+    assert "--latent-dim" in out.stdout and "(default: 32)" in out.stdout and "--dry-run" in out.stdout

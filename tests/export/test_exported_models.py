@@ -1,0 +1,92 @@
+"""The committed models: verified files, the signature their metadata claims, and quality
+on committed real test samples (tests/fixtures) — these assertions fail if a worse model
+is committed."""
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from service import preprocessing as pp
+from service import tasks
+from service.runtime import load_model, sha256_file
+from tests.conftest import EXPORTED
+
+MANIFEST = json.loads((EXPORTED / "manifest.json").read_text())["models"]
+EXPECTED = {"digits", "fashion", "sentiment", "generator", "encoder", "decoder", "denoiser"}
+
+
+def test_manifest_lists_all_seven_models():
+    assert set(MANIFEST) == EXPECTED
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_file_metadata_and_signature_agree(name):
+    meta = json.loads((EXPORTED / f"{name}.json").read_text())
+    path = EXPORTED / meta["file"]
+    assert sha256_file(path) == meta["sha256"] == MANIFEST[name]["sha256"]
+    assert path.stat().st_size < 10 * 1024 * 1024  # well under the 25 MB limit
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = [(i.name, i.type) for i in session.get_inputs()]
+    want = [(s["name"], f"tensor({'float' if s['dtype'] == 'float32' else s['dtype']})") for s in meta["inputs"]]
+    assert got == want
+    assert [o.name for o in session.get_outputs()] == [s["name"] for s in meta["outputs"]]
+    for spec, inp in zip(meta["inputs"], session.get_inputs()):
+        assert inp.shape[0] == "batch" and len(inp.shape) == len(spec["shape"])
+    assert meta["training"]["command"].startswith("python -m training")
+    assert max(meta["parity"]["max_abs_diff"].values()) <= 1e-4
+    assert meta["metrics"], "run `make evaluate` to record metrics"
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {name: load_model(EXPORTED, name) for name in EXPECTED}
+
+
+@pytest.mark.parametrize("name, bar", [("digits", 0.993), ("fashion", 0.92)])
+def test_classifiers_reach_their_bar_on_500_real_test_images(models, name, bar, mnist500, fashion500):
+    images, labels = mnist500 if name == "digits" else fashion500
+    probs = tasks.classify_images(models[name], pp.scale_pixels(images))
+    assert (probs.argmax(1) == labels).mean() >= bar
+
+
+def test_sentiment_on_200_real_dev_sentences(models, sst2_dev200):
+    sentences, labels = sst2_dev200
+    seqs = [s or [pp.UNK] for s in tasks.encode_texts(models["sentiment"], sentences)]
+    acc = (tasks.classify_token_ids(models["sentiment"], seqs).argmax(1) == labels).mean()
+    # bar 0.83 on all 872 dev sentences; 200 sentences carry ±2.7% standard error
+    assert acc >= 0.80
+
+
+def test_sentiment_is_exact_under_padding(models):
+    m = models["sentiment"]
+    short, long_ = tasks.encode_texts(m, ["great film", "a long , dull and utterly pointless exercise in tedium"])
+    alone = tasks.classify_token_ids(m, [short])
+    together = tasks.classify_token_ids(m, [short, long_])[:1]
+    np.testing.assert_allclose(alone, together, atol=1e-6)
+
+
+def test_generator_draws_the_requested_digits(models):
+    z, digits = pp.sample_latents(200, models["generator"].meta["preprocessing"]["z_dim"], seed=11)
+    images = tasks.generate(models["generator"], z, digits)
+    assert images.shape == (200, 28, 28) and 0 <= images.min() and images.max() <= 1
+    judged = tasks.classify_images(models["digits"], images).argmax(1)
+    assert (judged == digits).mean() >= 0.95
+
+
+def test_codec_round_trip_reaches_21_db_at_16_bytes(models, mnist500):
+    x = pp.scale_pixels(mnist500[0])
+    codes = tasks.compress(models["encoder"], x)
+    assert {len(c) for c in codes} == {16}
+    recon = tasks.decompress(models["decoder"], codes)
+    assert pp.psnr(x, recon).mean() >= 21.0
+
+
+@pytest.mark.parametrize("sigma, bar", [(0.3, 22.5), (0.5, 18.5)])
+def test_denoiser_reaches_its_bar(models, mnist500, sigma, bar):
+    x = pp.scale_pixels(mnist500[0])
+    noisy = pp.add_gaussian_noise(x, sigma, np.random.default_rng(0))
+    clean = tasks.denoise(models["denoiser"], noisy)
+    assert pp.psnr(x, clean).mean() >= bar
+    assert pp.psnr(x, clean).mean() > pp.psnr(x, noisy).mean() + 5

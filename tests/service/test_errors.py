@@ -1,0 +1,139 @@
+"""The error contract: every bad input gets a 4xx JSON body that names the problem."""
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import png
+
+DIGIT = png(np.zeros((28, 28), np.uint8))
+
+
+def image_bytes(fmt: str, mode: str = "L", size=(28, 28), **save) -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, 0).save(buf, format=fmt, **save)
+    return buf.getvalue()
+
+
+def png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A valid-looking PNG claiming width×height pixels whose first row of zeros compresses
+    to a few bytes (a decompression bomb's calling card): it must be refused from the header."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * (width + 1))
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
+
+
+MULTIPART_NO_FILE = {"content": b'--zz\r\nContent-Disposition: form-data; name="model"\r\n\r\ndigits\r\n--zz--\r\n',
+                     "headers": {"content-type": "multipart/form-data; boundary=zz"}}  # fmt: skip
+
+
+def form(*parts, **fields):
+    return {"files": list(parts), "data": fields}
+
+
+CASES = [
+    # (id, method, path, request kwargs, status, words the message must contain)
+    ("empty file", "/classify", form(("image", ("a.png", b"", "image/png"))), 400, "empty"),
+    ("text file as image", "/classify", form(("image", ("a.png", b"hello world", "image/png"))), 415, "not a supported image"),
+    ("truncated png", "/classify", form(("image", ("a.png", DIGIT[:40], "image/png"))), 400, "truncated or corrupt"),
+    ("pixel bomb header", "/classify", form(("image", ("a.png", png_bomb(50000, 50000), "image/png"))), 413, "pixels"),
+    ("no image field", "/classify", MULTIPART_NO_FILE, 400, "no file field 'image'"),
+    ("url-encoded form", "/classify", form(model="digits"), 415, "multipart/form-data"),
+    ("unknown form field", "/classify", form(("image", ("a.png", DIGIT, "image/png")), modle="digits"), 400, "unknown field 'modle'"),
+    ("unknown model", "/classify", form(("image", ("a.png", DIGIT, "image/png")), model="cats"), 400, "does not classify images"),
+    ("sentiment for an image", "/classify", form(("image", ("a.png", DIGIT, "image/png")), model="sentiment"), 400, "text goes as JSON"),
+    ("top_k zero", "/classify", form(("image", ("a.png", DIGIT, "image/png")), top_k="0"), 400, "top_k must be between 1 and 10"),
+    ("top_k not a number", "/classify", form(("image", ("a.png", DIGIT, "image/png")), top_k="three"), 400, "top_k must be an integer"),
+    ("image as text field", "/classify", {"data": {"image": "not a file"}, "files": [("x", ("x", b"", "text/plain"))]}, 400, "field 'image' must be a file part"),
+    ("plain text body", "/classify", {"content": b"hi", "headers": {"content-type": "text/plain"}}, 415, "multipart/form-data"),
+    ("empty text", "/classify", {"json": {"text": ""}}, 400, "empty or only whitespace"),
+    ("whitespace text", "/classify", {"json": {"text": " \n\t "}}, 400, "empty or only whitespace"),
+    ("text not a string", "/classify", {"json": {"text": 5}}, 400, "text must be a string"),
+    ("text and texts", "/classify", {"json": {"text": "a", "texts": ["b"]}}, 400, "exactly one of"),
+    ("neither text nor texts", "/classify", {"json": {"top_k": 1}}, 400, "exactly one of"),
+    ("texts not a list", "/classify", {"json": {"texts": "abc"}}, 400, "texts must be a list"),
+    ("texts empty list", "/classify", {"json": {"texts": []}}, 400, "texts must be a list of 1 to"),
+    ("texts item not string", "/classify", {"json": {"texts": ["ok", None]}}, 400, "texts[1] must be a string"),
+    ("enormous text", "/classify", {"json": {"text": "a" * 20001}}, 413, "limit is 20000"),
+    ("text to image model", "/classify", {"json": {"text": "hi", "model": "digits"}}, 400, "sentiment"),
+    ("json array body", "/classify", {"json": ["hi"]}, 400, "JSON object"),
+    ("broken json", "/generate", {"content": b'{"n": 1', "headers": {"content-type": "application/json"}}, 400, "not valid JSON"),
+    ("json without content type", "/generate", {"content": b'{"n": 1}'}, 415, "application/json"),
+    ("n zero", "/generate", {"json": {"n": 0}}, 400, "n must be between 1 and 64"),
+    ("n too large", "/generate", {"json": {"n": 65}}, 400, "n must be between 1 and 64"),
+    ("n float", "/generate", {"json": {"n": 2.5}}, 400, "n must be an integer"),
+    ("n boolean", "/generate", {"json": {"n": True}}, 400, "n must be an integer"),
+    ("digit 10", "/generate", {"json": {"digit": 10}}, 400, "digit must be between 0 and 9"),
+    ("digit negative", "/generate", {"json": {"digit": -1}}, 400, "digit must be between 0 and 9"),
+    ("digit string", "/generate", {"json": {"digit": "seven"}}, 400, "digit must be an integer"),
+    ("seed negative", "/generate", {"json": {"seed": -5}}, 400, "seed must be between 0"),
+    ("seed huge", "/generate", {"json": {"seed": 2**70}}, 400, "seed must be between 0"),
+    ("bad format", "/generate", {"json": {"format": "gif"}}, 400, "format must be 'png' or 'json'"),
+    ("unknown json field", "/generate", {"json": {"count": 3}}, 400, "unknown field(s) ['count']"),
+    ("code not base64", "/decompress", {"json": {"code": "!!!!"}}, 400, "not valid base64"),
+    ("code wrong length", "/decompress", {"json": {"code": "AAAA"}}, 400, "exactly 16 bytes, got 3"),
+    ("code far too long", "/decompress", {"json": {"code": "A" * 5000}}, 400, "too long"),
+    ("code missing", "/decompress", {"json": {}}, 400, "code must be a base64 string"),
+    ("code a number", "/decompress", {"json": {"code": 123}}, 400, "code must be a base64 string"),
+    ("two images to compress", "/compress", form(("image", ("a.png", DIGIT, "image/png")), ("image", ("b.png", DIGIT, "image/png"))), 400, "exactly one image"),
+    ("compress json", "/compress", {"json": {"image": "x"}}, 415, "multipart/form-data"),
+    ("denoise with extra field", "/denoise", form(("image", ("a.png", DIGIT, "image/png")), model="x"), 400, "unknown field 'model'"),
+    ("denoise not an image", "/denoise", form(("image", ("a.gz", b"\x1f\x8b\x08\x00junk", "image/png"))), 415, "not a supported image"),
+    ("bad multipart", "/classify", {"content": b"--zz\r\nbroken", "headers": {"content-type": "multipart/form-data; boundary=zz"}}, 400, "no file field"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("path, kwargs, status, words", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_gets_a_clear_json_4xx(client, path, kwargs, status, words):
+    r = client.post(path, **kwargs)
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    body = r.json()
+    assert body["status"] == status and words in body["error"]
+    assert "Traceback" not in r.text and "/work/" not in r.text
+
+
+@pytest.mark.parametrize("fmt, mode, save", [
+    ("GIF", "P", {}), ("BMP", "RGB", {}), ("WEBP", "RGB", {}), ("TIFF", "I;16", {}),
+    ("PNG", "RGBA", {}), ("PNG", "P", {"transparency": 0}), ("JPEG", "CMYK", {}), ("PNG", "1", {}),
+])  # fmt: skip
+def test_odd_but_valid_images_are_accepted(client, fmt, mode, save):
+    r = client.post("/classify", files={"image": ("x", image_bytes(fmt, mode, (40, 30), **save), "image/octet-stream")})
+    assert r.status_code == 200, r.text
+
+
+def test_animated_gif_uses_its_first_frame(client, mnist500):
+    frames = [Image.fromarray(mnist500[0][i]) for i in (0, 1)]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=100)
+    r = client.post("/classify", files={"image": ("a.gif", buf.getvalue(), "image/gif")})
+    assert r.status_code == 200 and r.json()["index"] == mnist500[1][0]
+
+
+def test_exif_rotation_is_applied(client, mnist500):
+    img, label = Image.fromarray(mnist500[0][0]), mnist500[1][0]
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to display"
+    buf = io.BytesIO()
+    img.rotate(90, expand=True).save(buf, format="JPEG", quality=95, exif=exif)
+    r = client.post("/classify", files={"image": ("r.jpg", buf.getvalue(), "image/jpeg")})
+    assert r.status_code == 200 and r.json()["index"] == label
+
+
+def test_body_over_the_limit_is_413(client):
+    r = client.post("/classify", files={"image": ("big.png", b"\x00" * (9 * 1024 * 1024), "image/png")})
+    assert r.status_code == 413 and "limit" in r.json()["error"]
+
+
+def test_wrong_method_and_unknown_path(client):
+    r = client.get("/classify")
+    assert r.status_code == 405 and r.json()["error"]
+    assert client.post("/nope").status_code == 404

@@ -1,0 +1,100 @@
+"""Process faults: SIGTERM under load drains in-flight requests before exiting, and a worker
+killed with SIGKILL is replaced while the server keeps answering."""
+
+from __future__ import annotations
+
+import collections
+import signal
+import threading
+import time
+
+import httpx
+import psutil
+
+from tests.conftest import FIXTURES
+from tests.service.conftest import Server
+
+SEVEN = (FIXTURES / "mnist_test0_label7.png").read_bytes()
+
+
+def hammer(url: str, outcomes: collections.Counter, stop: threading.Event) -> None:
+    """Send requests on fresh connections until stopped; count what came back. A request
+    already sent when `stop` is set still counts: it was in flight."""
+    with httpx.Client(timeout=60, limits=httpx.Limits(max_keepalive_connections=0)) as c:
+        while not stop.is_set():
+            try:
+                r = c.post(url + "/generate", json={"n": 64, "seed": 3, "format": "json"})
+                ok = r.status_code != 200 or len(r.json()["images"]) == 64
+                outcomes[r.status_code if ok else "truncated body"] += 1
+            except httpx.ConnectError:  # the port is closed: never accepted, nothing lost
+                outcomes["refused"] += 1
+                time.sleep(0.05)
+            except httpx.HTTPError as exc:  # accepted, then dropped: what must never happen
+                outcomes[type(exc).__name__] += 1
+
+
+def test_sigterm_under_load_drains_in_flight_requests_then_exits():
+    server = Server()
+    outcomes, stop = collections.Counter(), threading.Event()
+    clients = [threading.Thread(target=hammer, args=(server.url, outcomes, stop)) for _ in range(16)]
+    for t in clients:
+        t.start()
+    try:
+        time.sleep(3)
+        before = outcomes[200]
+        server.proc.send_signal(signal.SIGTERM)
+        # a load balancer needs a moment to see /readyz fail and stop routing here
+        ready = [httpx.get(server.url + "/readyz", timeout=5).status_code for _ in range(3)]
+        time.sleep(1.0)
+        stop.set()
+        code = server.proc.wait(timeout=60)
+    finally:
+        stop.set()
+        for t in clients:
+            t.join(60)
+        server.stop()
+    assert before > 10, outcomes  # it was under load when the signal came
+    assert 503 in ready, ready  # draining: not ready for new traffic
+    assert code == 0, server.log()[-2000:]
+    dropped = {k: v for k, v in outcomes.items() if k not in (200, 503, "refused")}
+    assert not dropped, f"requests lost during shutdown: {dropped} (all: {dict(outcomes)})"
+    assert outcomes[200] > before + len(clients), outcomes  # it kept serving while draining
+    assert "drained in" in server.log()
+
+
+def workers(server: Server) -> list[psutil.Process]:
+    """The live BentoML worker processes (a killed one is a zombie until it is reaped)."""
+    out = []
+    for p in psutil.Process(server.proc.pid).children():
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE and "worker" in " ".join(p.cmdline()):
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
+def test_a_worker_killed_with_sigkill_is_replaced_and_service_recovers():
+    server = Server(env={"DEEPSERVE_WORKERS": "2"})
+    try:
+        original = workers(server)
+        assert len(original) == 2
+        original[0].kill()  # SIGKILL
+        files = {"image": ("7.png", SEVEN, "image/png")}
+        deadline, replaced = time.monotonic() + 90, False
+        while time.monotonic() < deadline and not replaced:
+            pids = {p.pid for p in workers(server)}
+            replaced = len(pids) == 2 and original[0].pid not in pids
+            time.sleep(0.5)
+        assert replaced, "the killed worker was not replaced"
+        assert server.proc.poll() is None  # the server itself never restarted
+        deadline = time.monotonic() + 60
+        while httpx.get(server.url + "/readyz").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        for _ in range(20):  # both workers answer (connections spread across them)
+            with httpx.Client(timeout=30, limits=httpx.Limits(max_keepalive_connections=0)) as c:
+                r = c.post(server.url + "/classify", files=files)
+            assert r.status_code == 200 and r.json()["label"] == "7"
+    finally:
+        server.stop()

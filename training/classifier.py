@@ -1,0 +1,139 @@
+"""CNN image classifiers: `digits` (MNIST) and `fashion` (Fashion-MNIST)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from service import preprocessing as pp
+from training import common, data
+from training.export import ExportSpec, export_model
+
+
+@dataclass
+class Config:
+    dataset: str = "mnist"  # mnist | fashion
+    epochs: int = 8
+    batch_size: int = 128
+    lr: float = 3e-3
+    weight_decay: float = 5e-4
+    width: int = 24  # channels of the first conv block; doubled per block
+    dropout: float = 0.3
+    shift: int = 2  # random translation of up to ±shift pixels
+    hflip: bool = False  # Fashion-MNIST is left/right symmetric; digits are not
+    label_smoothing: float = 0.05
+    n_val: int = 5000
+    seed: int = 0
+    dry_run: bool = False
+    data_dir: str = ""
+    download: bool = False
+    out: str = ""
+
+
+class CNN(nn.Module):
+    """Three conv blocks (28 -> 14 -> 7 -> 3) and a two-layer head; input is normalised pixels."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        w = cfg.width
+
+        def block(c_in: int, c_out: int) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
+                nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
+                nn.MaxPool2d(2),
+            )  # fmt: skip
+
+        self.features = nn.Sequential(block(1, w), block(w, 2 * w), block(2 * w, 4 * w))
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Dropout(cfg.dropout), nn.Linear(4 * w * 3 * 3, 256), nn.ReLU(),
+            nn.Dropout(cfg.dropout), nn.Linear(256, 10),
+        )  # fmt: skip
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        # image: (B, 1, 28, 28) normalised -> logits (B, 10)
+        return self.head(self.features(image))
+
+
+def augment(x: torch.Tensor, cfg: Config, gen: torch.Generator) -> torch.Tensor:
+    """Random translation (pad + crop) and optional horizontal flip, per batch of (B, 1, 28, 28)."""
+    if cfg.shift:
+        s = cfg.shift
+        padded = F.pad(x, (s, s, s, s))
+        dx, dy = torch.randint(0, 2 * s + 1, (2,), generator=gen).tolist()
+        x = padded[:, :, dy : dy + 28, dx : dx + 28]
+    if cfg.hflip:
+        flip = torch.rand(x.shape[0], generator=gen) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    return x
+
+
+def train(cfg: Config, family: str) -> dict:
+    """Train on train minus a validation split, keep the best epoch, export, evaluate on test."""
+    common.set_seed(cfg.seed)
+    data_dir = data.resolve_data_dir(cfg.data_dir)
+    images, labels = data.load_images(cfg.dataset, "train", data_dir, cfg.download)
+    x_all = pp.scale_pixels(images)
+    mean, std = float(x_all.mean()), float(x_all.std())
+    x_all = pp.normalize(x_all, mean, std)[:, None]  # (N, 1, 28, 28)
+    tr, va = data.split_indices(len(x_all), cfg.n_val, cfg.seed)
+    x_tr, y_tr = torch.from_numpy(x_all[tr]), torch.from_numpy(labels[tr])
+    x_va, y_va = torch.from_numpy(x_all[va]), torch.from_numpy(labels[va])
+
+    model = CNN(cfg)
+    epochs = 1 if cfg.dry_run else cfg.epochs
+    limit = 1 if cfg.dry_run else None
+    steps = epochs * (1 if cfg.dry_run else -(-len(tr) // cfg.batch_size))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps)
+    rng, gen = np.random.default_rng(cfg.seed), torch.Generator().manual_seed(cfg.seed)
+    progress, best = common.Progress(family, epochs), (-1.0, None)
+    for epoch in range(1, epochs + 1):
+        model.train()
+        losses = []
+        for idx in common.minibatches(len(tr), cfg.batch_size, rng, limit):
+            logits = model(augment(x_tr[idx], cfg, gen))
+            loss = F.cross_entropy(logits, y_tr[idx], label_smoothing=cfg.label_smoothing)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+        val_acc = accuracy(model, x_va[: 256 if cfg.dry_run else None], y_va[: 256 if cfg.dry_run else None])
+        progress.epoch(epoch, loss=float(np.mean(losses)), val_acc=val_acc)
+        if val_acc > best[0]:
+            best = (val_acc, {k: v.clone() for k, v in model.state_dict().items()})
+    model.load_state_dict(best[1])
+    model.eval()
+
+    out_dir, img_dir = common.out_dirs(cfg)
+    common.save_checkpoint(common.RUNS / family / "model.pt", model, cfg)
+    labels_out = data.DIGIT_LABELS if cfg.dataset == "mnist" else data.FASHION_LABELS
+    test_images, _ = data.load_images(cfg.dataset, "test", data_dir, cfg.download)
+    spec = ExportSpec(
+        name=family, task="image-classification",
+        inputs={"image": pp.normalize(pp.scale_pixels(test_images[:64]), mean, std)[:, None]},
+        outputs=["logits"], dynamic_axes={},
+        preprocessing={"kind": "image", "size": pp.IMAGE_SIZE, "scale": "pixels/255",
+                       "mean": mean, "std": std, "invert": "auto"},
+        extra={"labels": labels_out},
+    )  # fmt: skip
+    training_meta = {"command": common.training_command(family, cfg), "seed": cfg.seed,
+                     "epochs": epochs, "best_val_acc": best[0], "seconds": round(progress.seconds, 1),
+                     "date": common.today(), "config": vars(cfg) | {"data_dir": ""},
+                     "dataset": {"name": "MNIST" if cfg.dataset == "mnist" else "Fashion-MNIST",
+                                 "files": data.dataset_checksums(data.IMAGE_DATASETS[cfg.dataset])}}  # fmt: skip
+    export_model(model, spec, out_dir, training_meta)
+    common.plot_curves(progress.history, img_dir / f"{family}_curves.png", f"{family}: training")
+    return training_meta
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    with torch.no_grad():
+        pred = torch.cat([model(x[i : i + 1000]).argmax(1) for i in range(0, len(x), 1000)])
+    return float((pred == y).float().mean())

@@ -1,0 +1,175 @@
+"""`sentiment`: a BiLSTM trained from scratch on GLUE SST-2 (dev is the reported test set)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from service import preprocessing as pp
+from training import common, data
+from training.export import ExportSpec, export_model
+
+LABELS = ["negative", "positive"]
+
+
+@dataclass
+class Config:
+    epochs: int = 7
+    batch_size: int = 64
+    lr: float = 2e-3
+    emb_dim: int = 128
+    hidden: int = 128
+    dropout: float = 0.5
+    min_freq: int = 2
+    vocab_size: int = 0  # set from the training split; stored so the checkpoint rebuilds the model
+    n_val: int = 2000  # long training sentences, disjoint from every training phrase
+    seed: int = 0
+    dry_run: bool = False
+    data_dir: str = ""
+    download: bool = False
+    out: str = ""
+
+
+class BiLSTM(nn.Module):
+    """Embedding -> forward and backward LSTMs -> max+mean pooling over real tokens -> logits.
+
+    The backward pass reverses each sequence within its own length (a gather), so padding
+    never reaches a real token's state: a sentence scores the same alone or in any batch.
+    """
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.emb_dim, padding_idx=pp.PAD)
+        self.fwd = nn.LSTM(cfg.emb_dim, cfg.hidden, batch_first=True)
+        self.bwd = nn.LSTM(cfg.emb_dim, cfg.hidden, batch_first=True)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.head = nn.Linear(4 * cfg.hidden, len(LABELS))
+
+    def forward(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        # tokens: (B, T) int64, lengths: (B,) int64 with 1 <= length <= T -> logits (B, 2)
+        pos = torch.arange(tokens.shape[1], device=tokens.device)[None, :]  # (1, T)
+        mask = pos < lengths[:, None]  # (B, T)
+        rev = torch.where(mask, lengths[:, None] - 1 - pos, pos)  # (B, T), its own inverse
+        x = self.drop(self.embed(tokens))  # (B, T, E)
+        h_fwd, _ = self.fwd(x)  # (B, T, H)
+        x_rev = torch.gather(x, 1, rev[:, :, None].expand(-1, -1, x.shape[2]))
+        h_bwd, _ = self.bwd(x_rev)
+        h_bwd = torch.gather(h_bwd, 1, rev[:, :, None].expand(-1, -1, h_bwd.shape[2]))
+        h = torch.cat([h_fwd, h_bwd], dim=2)  # (B, T, 2H)
+        m = mask[:, :, None]
+        h_max = h.masked_fill(~m, -1e4).amax(dim=1)  # (B, 2H)
+        h_mean = (h * m).sum(dim=1) / lengths[:, None].to(h.dtype)  # (B, 2H)
+        return self.head(self.drop(torch.cat([h_max, h_mean], dim=1)))
+
+
+def bucketed_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator):
+    """Shuffled batches of similar length (less padding, faster epochs)."""
+    order = rng.permutation(len(lengths))
+    chunk = batch_size * 50
+    batches = []
+    for start in range(0, len(order), chunk):
+        part = order[start : start + chunk]
+        part = part[np.argsort(lengths[part], kind="stable")]
+        batches += [part[i : i + batch_size] for i in range(0, len(part), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def sentence_split(sentences: list[str], n_val: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A leak-free (train, validation) split shaped like dev: validation holds long examples
+    (SST-2 train mixes whole sentences with their sub-phrases), and every training phrase
+    that occurs inside a validation sentence is dropped, so validation scores whole unseen
+    sentences as dev does. Random splits score phrases whose parents were trained on."""
+    tokens = [s.split() for s in sentences]
+    long_ = np.flatnonzero(np.array([len(t) for t in tokens]) >= 12)
+    val = np.sort(np.random.default_rng(seed).permutation(long_)[:n_val])
+    inside = set()
+    for i in val:
+        t = tokens[i]
+        inside.update(" ".join(t[a:b]) for a in range(len(t)) for b in range(a + 1, len(t) + 1))
+    train = np.array([i for i, t in enumerate(tokens) if " ".join(t) not in inside], dtype=np.int64)
+    return train, val
+
+
+def encode_all(sentences: list[str], index: dict[str, int]) -> list[list[int]]:
+    return [pp.encode(pp.tokenize(s), index) or [pp.UNK] for s in sentences]
+
+
+def evaluate(model: nn.Module, seqs: list[list[int]], labels: np.ndarray) -> float:
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(seqs), 256):
+            tokens, lengths = pp.pad_batch(seqs[i : i + 256])
+            pred = model(torch.from_numpy(tokens), torch.from_numpy(lengths)).argmax(1).numpy()
+            correct += int((pred == labels[i : i + 256]).sum())
+    return correct / len(seqs)
+
+
+def train(cfg: Config, family: str) -> dict:
+    """Train on SST-2 train minus a validation split; keep the best epoch; export; evaluate on dev."""
+    common.set_seed(cfg.seed)
+    data_dir = data.resolve_data_dir(cfg.data_dir)
+    sentences, labels = data.load_sst2("train", data_dir, cfg.download)
+    dev_sentences, _ = data.load_sst2("dev", data_dir, cfg.download)
+    tr, va = sentence_split(sentences, cfg.n_val, cfg.seed)
+    vocab = pp.build_vocab((pp.tokenize(sentences[i]) for i in tr), cfg.min_freq)
+    cfg.vocab_size = len(vocab)
+    index = {tok: i for i, tok in enumerate(vocab)}
+    seqs = encode_all(sentences, index)
+    seq_tr, y_tr = [seqs[i] for i in tr], labels[tr]
+    seq_va, y_va = [seqs[i] for i in va], labels[va]
+    lengths_tr = np.array([len(s) for s in seq_tr])
+    print(f"sentiment: vocabulary {len(vocab)} tokens, {len(tr)} train / {len(va)} validation", flush=True)
+
+    model = BiLSTM(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    epochs = 1 if cfg.dry_run else cfg.epochs
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)  # stepped per epoch
+    rng = np.random.default_rng(cfg.seed)
+    progress, best = common.Progress(family, epochs), (-1.0, None)
+    for epoch in range(1, epochs + 1):
+        model.train()
+        losses = []
+        batches = bucketed_batches(lengths_tr, cfg.batch_size, rng)
+        for idx in batches[:1] if cfg.dry_run else batches:
+            tokens, lengths = pp.pad_batch([seq_tr[i] for i in idx])
+            logits = model(torch.from_numpy(tokens), torch.from_numpy(lengths))
+            loss = F.cross_entropy(logits, torch.from_numpy(y_tr[idx]))
+            opt.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            opt.step()
+            losses.append(loss.item())
+        sched.step()
+        n_eval = 256 if cfg.dry_run else None
+        val_acc = evaluate(model, seq_va[:n_eval], y_va[:n_eval])
+        progress.epoch(epoch, loss=float(np.mean(losses)), val_acc=val_acc)
+        if val_acc > best[0]:
+            best = (val_acc, {k: v.clone() for k, v in model.state_dict().items()})
+    model.load_state_dict(best[1])
+    model.eval()
+
+    out_dir, img_dir = common.out_dirs(cfg)
+    common.save_checkpoint(common.RUNS / family / "model.pt", model, cfg)
+    tokens, lengths = pp.pad_batch(encode_all(dev_sentences[:64], index))
+    spec = ExportSpec(
+        name=family, task="text-classification",
+        inputs={"tokens": tokens, "lengths": lengths}, outputs=["logits"],
+        dynamic_axes={"tokens": {1: "seq"}},
+        preprocessing={"kind": "text", "tokenizer": "service.preprocessing.tokenize",
+                       "lowercase": True, "max_tokens": pp.MAX_TOKENS, "pad_id": pp.PAD,
+                       "unk_id": pp.UNK, "truncation": "first max_tokens tokens are kept"},
+        extra={"labels": LABELS, "vocabulary": vocab},
+    )  # fmt: skip
+    training_meta = {"command": common.training_command(family, cfg), "seed": cfg.seed,
+                     "epochs": epochs, "best_val_acc": best[0], "seconds": round(progress.seconds, 1),
+                     "date": common.today(), "config": vars(cfg) | {"data_dir": ""},
+                     "dataset": {"name": "GLUE SST-2 (train; dev is the reported test set)",
+                                 "files": data.dataset_checksums("sst2")}}  # fmt: skip
+    export_model(model, spec, out_dir, training_meta)
+    common.plot_curves(progress.history, img_dir / f"{family}_curves.png", f"{family}: training")
+    return training_meta
