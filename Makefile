@@ -31,7 +31,7 @@ $(VENV)/.serve-installed: pyproject.toml
 	touch $@
 
 $(VENV)/.dev-installed: pyproject.toml $(VENV)/.serve-installed
-	$(PY) -m pip install -q -e ".[train,test]"
+	$(PY) -m pip install -q -e ".[train,test,bench]"
 	touch $@
 
 serve: $(VENV)/.serve-installed
@@ -52,7 +52,7 @@ loadtest: $(VENV)/.dev-installed
 	loadtests/run.sh
 
 stress: $(VENV)/.dev-installed
-	$(PY) -m pytest -m stress -p no:randomly tests/stress -o addopts="" -s
+	DEEPSERVE_STRESS_SECONDS=60 DEEPSERVE_STRESS_CONCURRENCY=256 $(PY) -m pytest tests/service/test_overload.py -s
 
 bench: $(VENV)/.dev-installed tools
 	$(PY) -m bench

@@ -41,6 +41,7 @@ _cors = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
     traffic={"timeout": settings.request_timeout_s + 5, "max_concurrency": 2 * settings.max_concurrency + 16},
     # OpenTelemetry's per-request span costs more than a small model's inference here
     tracing={"excluded_urls": MODEL_ROUTES},
+    logging={"access": {"enabled": settings.access_log}},
     http={"cors": {"enabled": bool(_cors), "access_control_allow_origins": _cors or None,
                    "access_control_allow_methods": ["GET", "POST"], "access_control_allow_headers": ["*"]}},  # fmt: skip
 )

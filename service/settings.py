@@ -28,7 +28,7 @@ class Settings(BaseSettings):
     max_latency_ms: int = Field(2000, ge=10, le=60000, description="batcher sheds (503) requests it predicts will wait longer")
     max_batch_rows: int = Field(512, ge=1, le=8192, description="most rows (images, texts) per ONNX run; larger batches are split")
     request_timeout_s: float = Field(30.0, gt=0, le=600, description="a request still running after this gets 504")
-    max_concurrency: int = Field(64, ge=1, le=100000, description="model requests in flight per worker; more are answered 503 at once")
+    max_concurrency: int = Field(128, ge=1, le=100000, description="model requests in flight per worker; more are answered 503 at once")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
     max_image_pixels: int = Field(16_000_000, ge=784, description="larger images (width × height, read from the header) get 413")
     max_images: int = Field(64, ge=1, le=1024, description="most images in one /classify request")
@@ -38,6 +38,7 @@ class Settings(BaseSettings):
     api_key: str = Field("", description="if set, every model endpoint needs header `Authorization: Bearer <key>` or `X-API-Key`")
     cors_origins: str = Field("", description="comma-separated origins allowed by CORS; empty = CORS off")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="deepserve's own log level")
+    access_log: bool = Field(False, description="BentoML's per-request access log lines (off: they cost throughput; metrics count every request)")
 
     @field_validator("exported_dir")
     @classmethod
@@ -48,7 +49,15 @@ class Settings(BaseSettings):
 
     def ort_threads(self) -> int:
         """Intra-op threads for each ONNX session in this worker."""
-        return self.threads or max(1, (os.cpu_count() or 1) // self.workers)
+        return self.threads or max(1, usable_cores() // self.workers)
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity: taskset, cpusets), not the host's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def settings_table() -> str:

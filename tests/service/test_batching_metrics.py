@@ -35,7 +35,7 @@ def test_concurrent_requests_are_run_as_one_onnx_batch(server, client, mnist500)
 
     responses = asyncio.run(fire())
     assert all(r.status_code == 200 for r in responses)
-    assert np.mean([r.json()["index"] == y for r, y in zip(responses, labels)]) >= 0.99  # answers not mixed up
+    assert np.mean([r.json()["index"] == y for r, y in zip(responses, labels)]) >= 0.97  # answers not mixed up (mixed: ~0.1)
     after = scrape(client)
     rows = series(after, "deepserve_batch_rows_sum", model="digits") - series(before, "deepserve_batch_rows_sum", model="digits")
     batches = series(after, "deepserve_batch_rows_count", model="digits") - series(before, "deepserve_batch_rows_count", model="digits")

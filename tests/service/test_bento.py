@@ -26,3 +26,15 @@ def test_build_then_serve_the_bento(tmp_path):
         assert r.status_code == 200 and r.json()["label"] == "7"
     finally:
         server.stop()
+
+
+def test_the_gpu_bento_builds_with_onnxruntime_gpu_and_cuda(tmp_path):
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml")}
+    out = subprocess.run([sys.executable, "-m", "bentoml", "build", "-f", "deploy/bentofile-gpu.yaml", ".",
+                          "--output", "tag"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    tag = out.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+    bento = tmp_path / "bentoml" / "bentos" / "deepserve-gpu" / tag.split(":")[1]
+    manifest = (bento / "bento.yaml").read_text()
+    assert "onnxruntime-gpu==1.31.1" in (bento / "env" / "python" / "requirements.txt").read_text()
+    assert "DEEPSERVE_DEVICE" in manifest and "cuda" in manifest

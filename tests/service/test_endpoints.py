@@ -30,7 +30,8 @@ def test_classify_labels_real_digits(client, path):
     assert body["model_version"] == json.loads((EXPORTED / "digits.json").read_text())["version"]
 
 
-@pytest.mark.parametrize("model, fixture, bar", [("digits", "mnist500", 0.99), ("fashion", "fashion500", 0.90)])
+# 64 images: one mistake is 98.4%; a mix-up of answers would be near 10%
+@pytest.mark.parametrize("model, fixture, bar", [("digits", "mnist500", 0.98), ("fashion", "fashion500", 0.90)])
 def test_classify_many_images_in_one_request(client, request, model, fixture, bar):
     images, labels = request.getfixturevalue(fixture)
     files = [("image", (f"{i}.png", png(images[i]), "image/png")) for i in range(64)]

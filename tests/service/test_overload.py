@@ -3,7 +3,7 @@ queueing without bound, answers nothing else in the 5xx range, keeps its memory 
 ready again as soon as the load stops.
 
 `make test` runs it for 10 s; `make stress` for a minute (DEEPSERVE_STRESS_SECONDS=60), at
-DEEPSERVE_STRESS_CONCURRENCY (default 128: 8× the 16 clients where one worker saturates)."""
+DEEPSERVE_STRESS_CONCURRENCY (default 256: 8× the 32 clients of the benchmark target)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from tests.conftest import FIXTURES
 from tests.service.conftest import Server
 
 SECONDS = float(os.environ.get("DEEPSERVE_STRESS_SECONDS", "10"))
-CONCURRENCY = int(os.environ.get("DEEPSERVE_STRESS_CONCURRENCY", "128"))
+CONCURRENCY = int(os.environ.get("DEEPSERVE_STRESS_CONCURRENCY", "256"))
 SEVEN = (FIXTURES / "mnist_test0_label7.png").read_bytes()
 
 

@@ -22,9 +22,11 @@ def test_unknown_device_and_missing_models_are_rejected(monkeypatch, tmp_path):
         Settings()
 
 
-def test_threads_default_to_cores_per_worker(monkeypatch):
-    monkeypatch.setattr("os.cpu_count", lambda: 8)
+def test_threads_default_to_usable_cores_per_worker(monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))  # e.g. a cpuset of 8
     assert Settings(workers=2).ort_threads() == 4
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {1})  # taskset -c 1
+    assert Settings(workers=1).ort_threads() == 1
     assert Settings(workers=2, threads=3).ort_threads() == 3
 
 
