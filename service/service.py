@@ -36,9 +36,9 @@ _cors = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
 @bentoml.service(
     name="deepserve",
     workers=settings.workers,
-    # deepserve sheds past max_concurrency itself (503 + Retry-After, JSON contract); BentoML's
-    # own limit (a bare 429) is only a backstop above it
-    traffic={"timeout": settings.request_timeout_s + 5, "max_concurrency": 2 * settings.max_concurrency + 16},
+    # deepserve sheds past max_concurrency itself (503 + Retry-After, JSON contract), so
+    # BentoML's own limit (a bare 429, one more middleware per request) is left off
+    traffic={"timeout": settings.request_timeout_s + 5},
     # OpenTelemetry's per-request span costs more than a small model's inference here
     tracing={"excluded_urls": MODEL_ROUTES},
     logging={"access": {"enabled": settings.access_log}},
