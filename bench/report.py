@@ -56,7 +56,7 @@ def plots(results: dict, img: Path) -> None:
             p99 = [_get(results, kind, ep, c, "p99_ms") for c in conc]
             ax.plot(conc, rps, marker="o", label=kind)
             ax2.plot(rps, p99, marker="o", label=kind)
-        ax.set(title=LABELS[ep], xscale="log", xlabel="concurrent connections", ylabel="requests/s")
+        ax.set(title=LABELS[ep], xscale="log", yscale="log", xlabel="concurrent connections", ylabel="requests/s (log)")
         ax.set_xticks(conc, [str(c) for c in conc])
         ax2.set(title=LABELS[ep], xlabel="requests/s", ylabel="p99 latency (ms)", yscale="log")
     axes[0].legend(fontsize=8)
@@ -113,3 +113,11 @@ def write_report(results: dict, args) -> None:
         lines += [notes.read_text().strip(), ""]
     (REPO / "docs" / "benchmarks.md").write_text("\n".join(lines))
     print("wrote docs/benchmarks.md and docs/img/bench_*.png")
+
+
+if __name__ == "__main__":  # redraw from saved results: python -m bench.report docs/benchmarks.json 8
+    import json
+    import sys
+    import types
+
+    write_report(json.loads(Path(sys.argv[1]).read_text()), types.SimpleNamespace(seconds=float(sys.argv[2])))

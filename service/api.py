@@ -150,6 +150,8 @@ async def read_json(request: Request, core: Core, allowed: set[str]) -> dict:
         payload = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"body is not valid JSON: {exc}", "bad_json") from None
+    except (ValueError, RecursionError):  # a 5000-digit number, nesting 100,000 deep
+        raise ApiError(400, "body is not valid JSON: a number is too long or it nests too deeply", "bad_json") from None
     if not isinstance(payload, dict):
         raise ApiError(400, "body must be a JSON object", "bad_json")
     unknown = sorted(set(payload) - allowed)

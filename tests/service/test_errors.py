@@ -87,6 +87,21 @@ CASES = [
     ("compress json", "/compress", {"json": {"image": "x"}}, 415, "multipart/form-data"),
     ("denoise with extra field", "/denoise", form(("image", ("a.png", DIGIT, "image/png")), model="x"), 400, "unknown field 'model'"),
     ("denoise not an image", "/denoise", form(("image", ("a.gz", b"\x1f\x8b\x08\x00junk", "image/png"))), 415, "not a supported image"),
+    # an attacker's list: parser limits, number edge cases, encodings, names used as paths
+    ("deeply nested json", "/generate", {"content": b'{"n": ' + b"[" * 100000 + b"]" * 100000 + b"}",
+                                         "headers": {"content-type": "application/json"}}, 400, "not valid JSON"),
+    ("5000-digit integer", "/generate", {"content": b'{"n": ' + b"9" * 5000 + b"}",
+                                         "headers": {"content-type": "application/json"}}, 400, "not valid JSON"),
+    ("NaN", "/generate", {"content": b'{"n": NaN}', "headers": {"content-type": "application/json"}}, 400, "n must be an integer"),
+    ("Infinity seed", "/generate", {"content": b'{"seed": Infinity}', "headers": {"content-type": "application/json"}}, 400, "seed must be an integer"),
+    ("json not utf-8", "/classify", {"content": b'{"text": "\xff\xfe"}', "headers": {"content-type": "application/json"}}, 400, "not valid JSON"),
+    ("model name as a path", "/classify", form(("image", ("a.png", DIGIT, "image/png")), model="../exported/digits"), 400, "does not classify images"),
+    ("65 images", "/classify", form(*[("image", (f"{i}.png", DIGIT, "image/png")) for i in range(65)]), 400, "malformed multipart body"),
+    ("huge form field", "/classify", form(("image", ("a.png", DIGIT, "image/png")), top_k="1" * 70000), 400, "malformed multipart body"),
+    ("top_k fraction", "/classify", form(("image", ("a.png", DIGIT, "image/png")), top_k="2.5"), 400, "top_k must be an integer"),
+    ("texts over the count limit", "/classify", {"json": {"texts": ["ok"] * 65}}, 400, "texts must be a list of 1 to 64"),
+    ("url-safe base64 code", "/decompress", {"json": {"code": "-_-_-_-_-_-_-_-_-_-_-w=="}}, 400, "not valid base64"),
+    ("code with a newline", "/decompress", {"json": {"code": "AAAAAAAAAAAA\nAAAAAAAAAAA="}}, 400, "not valid base64"),
     ("bad multipart", "/classify", {"content": b"--zz\r\nbroken", "headers": {"content-type": "multipart/form-data; boundary=zz"}}, 400, "no file field"),
 ]  # fmt: skip
 
@@ -126,6 +141,20 @@ def test_exif_rotation_is_applied(client, mnist500):
     img.rotate(90, expand=True).save(buf, format="JPEG", quality=95, exif=exif)
     r = client.post("/classify", files={"image": ("r.jpg", buf.getvalue(), "image/jpeg")})
     assert r.status_code == 200 and r.json()["index"] == label
+
+
+@pytest.mark.parametrize("text", ["\x00\x01\x07 a film \x1b[31m", "😍😍 loved it 🎬", "مذهل", "\u202e\u200b great \ufeff", "a" * 19999])
+def test_odd_but_valid_text_is_classified(client, text):
+    r = client.post("/classify", json={"text": text})
+    assert r.status_code == 200, r.text
+    assert r.json()["label"] in ("positive", "negative")
+
+
+def test_errors_never_echo_paths_or_environment(client):
+    r = client.post("/classify", files={"image": ("../../etc/passwd", b"root:x:0:0", "image/png")}, data={"model": "/etc/passwd"})
+    assert r.status_code == 400  # the name is looked up in the registry, never opened
+    for body in (r.text, client.post("/generate", json={"n": "x" * 100}).text):
+        assert "Traceback" not in body and "/work" not in body and "DEEPSERVE_" not in body
 
 
 def test_body_over_the_limit_is_413(client):

@@ -35,7 +35,8 @@ def test_a_corrupt_or_missing_model_stops_startup(tmp_path, damage):
 @pytest.fixture(scope="module")
 def strict_server():
     s = Server(env={"DEEPSERVE_API_KEY": "s3cret", "DEEPSERVE_MAX_BODY_BYTES": "20000",
-                    "DEEPSERVE_MAX_GENERATE": "4", "DEEPSERVE_BATCHING": "false"})  # fmt: skip
+                    "DEEPSERVE_MAX_GENERATE": "4", "DEEPSERVE_BATCHING": "false",
+                    "DEEPSERVE_CORS_ORIGINS": "https://app.example"})  # fmt: skip
     yield s
     s.stop()
 
@@ -62,3 +63,22 @@ def test_limits_are_settings(strict_server):
 def test_batching_off_is_reported(strict_server):
     body = httpx.get(strict_server.url + "/models", headers={"X-API-Key": "s3cret"}).json()
     assert body["batching"]["enabled"] is False
+
+
+def test_cors_is_off_by_default_and_on_for_configured_origins(strict_server, client):
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
+    assert "access-control-allow-origin" not in client.options("/classify", headers=preflight).headers
+    r = httpx.options(strict_server.url + "/classify", headers=preflight)
+    assert r.headers.get("access-control-allow-origin") == "https://app.example"
+    r = httpx.options(strict_server.url + "/classify", headers={**preflight, "Origin": "https://evil.example"})
+    assert r.headers.get("access-control-allow-origin") != "https://evil.example"
+
+
+def test_a_request_over_the_timeout_gets_a_504_not_a_hang():
+    s = Server(env={"DEEPSERVE_REQUEST_TIMEOUT_S": "0.001"})
+    try:
+        r = httpx.post(s.url + "/generate", json={"n": 64, "seed": 1}, timeout=10)
+        assert r.status_code == 504 and "did not finish within 0.001 s" in r.json()["error"]
+        assert httpx.get(s.url + "/readyz").status_code == 200  # and the server is fine
+    finally:
+        s.stop()
