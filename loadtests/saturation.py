@@ -18,13 +18,14 @@ def steps(path: str) -> dict[int, dict[str, float]]:
     rows = defaultdict(list)
     with open(path) as f:
         for row in csv.DictReader(f):
-            if row["Name"] == "Aggregated" and row["Requests/s"] not in ("", "N/A"):
+            if row["Name"] == "Aggregated" and row["User Count"] != "0" and row["Requests/s"] not in ("", "N/A"):
                 rows[int(row["User Count"])].append(row)
     out = {}
     for users, rs in sorted(rows.items()):
         tail = rs[len(rs) // 2 :] or rs
+        p95 = [float(r["95%"]) for r in tail if r["95%"] not in ("", "N/A")]
         out[users] = {"rps": statistics.median(float(r["Requests/s"]) for r in tail),
-                      "p95_ms": statistics.median(float(r["95%"] or 0) for r in tail if r["95%"] != "N/A")}  # fmt: skip
+                      "p95_ms": statistics.median(p95) if p95 else float("nan")}  # fmt: skip
     return out
 
 

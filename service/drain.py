@@ -22,25 +22,30 @@ log = logging.getLogger("deepserve")
 QUIET_S = 0.1  # the queue and the handlers must stay empty this long before we close
 
 
-def listening_socket() -> socket.socket | None:
+def listening_fd() -> int | None:
     """The socket BentoML hands its worker (`--fd N` on the worker's command line)."""
     try:
-        fd = int(sys.argv[sys.argv.index("--fd") + 1])
-        return socket.socket(fileno=fd)
-    except (ValueError, IndexError, OSError):
+        return int(sys.argv[sys.argv.index("--fd") + 1])
+    except (ValueError, IndexError):
         return None
 
 
-def accept_queue(sock: socket.socket | None) -> int:
+def accept_queue(fd: int | None) -> int:
     """Connections waiting in the kernel's accept queue (Linux TCP_INFO: tcpi_unacked on a
-    listening socket); 0 where that cannot be read."""
-    if sock is None or not hasattr(socket, "TCP_INFO"):
+    listening socket); 0 where that cannot be read. The fd is borrowed, never closed here."""
+    if fd is None or not hasattr(socket, "TCP_INFO"):
+        return 0
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError:
         return 0
     try:
         info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
         return struct.unpack_from("<8B5I", info)[12]
     except OSError:
         return 0
+    finally:
+        sock.detach()
 
 
 class Drain:
@@ -48,7 +53,7 @@ class Drain:
 
     def __init__(self, max_seconds: float):
         self.max_seconds, self.in_flight, self.draining = max_seconds, 0, False
-        self._sock = listening_socket()
+        self._fd = listening_fd()
 
     def install(self) -> None:
         """Wrap the SIGTERM handler uvicorn installed (call from the running event loop)."""
@@ -68,9 +73,9 @@ class Drain:
     async def _drain_then(self, previous, sig, frame) -> None:
         start = time.monotonic()
         deadline, quiet_since = start + self.max_seconds, None
-        log.info("SIGTERM: draining (%d in flight, %d queued)", self.in_flight, accept_queue(self._sock))
+        log.info("SIGTERM: draining (%d in flight, %d queued)", self.in_flight, accept_queue(self._fd))
         while time.monotonic() < deadline:
-            if self.in_flight == 0 and accept_queue(self._sock) == 0:
+            if self.in_flight == 0 and accept_queue(self._fd) == 0:
                 quiet_since = quiet_since or time.monotonic()
                 if time.monotonic() - quiet_since >= QUIET_S:
                     break
