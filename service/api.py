@@ -27,7 +27,7 @@ from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from service import metrics
@@ -417,6 +417,42 @@ async def openapi_document(request: Request) -> Response:
     return JSONResponse(document())
 
 
+async def docs_page(request: Request) -> Response:
+    """/docs: the Swagger UI BentoML serves at /."""
+    return RedirectResponse("/", status_code=307)
+
+
+class JsonNotFound:
+    """ASGI middleware: BentoML answers paths nobody routes with a plain-text 404; give those
+    the JSON error contract too. Every other response passes through untouched."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        replaced = False
+
+        async def send_json(message):
+            nonlocal replaced
+            if replaced:
+                return  # the plain-text body that went with the 404
+            if message["type"] == "http.response.start" and message["status"] == 404 and \
+                    (b"content-type", b"text/plain; charset=utf-8") in message.get("headers", []):  # fmt: skip
+                replaced = True
+                path = scope.get("path", "")[:100]
+                body = json.dumps({"error": f"no such path {path!r}; the API is described at /docs.json",
+                                   "status": 404}).encode()  # fmt: skip
+                await send({"type": "http.response.start", "status": 404,
+                            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})  # fmt: skip
+                await send({"type": "http.response.body", "body": body})
+                return
+            await send(message)
+
+        await self.app(scope, receive, send_json)
+
+
 async def http_error(request: Request, exc: HTTPException) -> Response:
     return error_response(exc.status_code, exc.detail if isinstance(exc.detail, str) else "request failed")
 
@@ -426,7 +462,8 @@ def build_app() -> Starlette:
     # DEEPSERVE_MAX_IMAGE_PIXELS, which answers 413 before any pixel is decoded.
     Image.MAX_IMAGE_PIXELS = None
     routes = [classify, generate, compress, decompress, denoise, models,
-              Route("/docs.json", openapi_document), Route("/openapi.json", openapi_document)]  # fmt: skip
+              Route("/docs.json", openapi_document), Route("/openapi.json", openapi_document),
+              Route("/docs", docs_page)]  # fmt: skip
     return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
 
 

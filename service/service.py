@@ -14,7 +14,7 @@ import logging
 import bentoml
 from pydantic import ValidationError
 
-from service.api import app
+from service.api import JsonNotFound, app
 from service.drain import Drain
 from service.runtime import ModelLoadError, load_registry
 from service.settings import Settings
@@ -65,3 +65,6 @@ class DeepServe:
 
     def __is_ready__(self) -> bool:
         return self.core.ready and not self.drain.draining
+
+
+DeepServe.add_asgi_middleware(JsonNotFound)

@@ -165,4 +165,8 @@ def test_body_over_the_limit_is_413(client):
 def test_wrong_method_and_unknown_path(client):
     r = client.get("/classify")
     assert r.status_code == 405 and r.json()["error"]
-    assert client.post("/nope").status_code == 404
+    r = client.post("/nope")
+    assert r.status_code == 404 and r.json() == {"error": "no such path '/nope'; the API is described at /docs.json", "status": 404}
+    assert client.get("/livez").status_code == 200 and client.get("/").status_code == 200  # BentoML's own routes pass
+    r = client.get("/docs", follow_redirects=False)
+    assert r.status_code == 307 and r.headers["location"] == "/"
