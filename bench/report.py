@@ -101,7 +101,7 @@ def write_report(results: dict, args) -> None:
             lines.append(f"| {kind} | {rps} | {lat} | {_get(results, kind, ep, 32, 'errors')} |")
         ip = results.get("in_process", {}).get(ep)
         if ip:
-            lines.append(f"| in-process ONNX Runtime (no HTTP, batch {ip['batch']}) | {ip['rps']:,.0f} req/s "
+            lines.append(f"| in-process ONNX Runtime (no HTTP, batch {ip['batch']}, all cores) | {ip['rps']:,.0f} req/s "
                          f"({ip['rows_per_s']:,.0f} rows/s) |" + " |" * (len(conc) + 1))  # fmt: skip
         ds = _get(results, "deepserve", ep, 32)
         ratios = [f"{k} {ds / v:.2f}×" for k in results["servers"] if k != "deepserve" and (v := _get(results, k, ep, 32))]
