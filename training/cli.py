@@ -12,7 +12,7 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     # digits is also the generator's judge: label smoothing would cap its confidence (and so
     # the Inception-style score) near 7.9 even on real digits
     "digits": ("training.classifier", {"dataset": "mnist", "label_smoothing": 0.0}),
-    "fashion": ("training.classifier", {"dataset": "fashion", "hflip": True, "epochs": 12}),
+    "fashion": ("training.classifier", {"dataset": "fashion", "hflip": True, "epochs": 20, "width": 32}),
     "sentiment": ("training.sentiment", {}),
     "generator": ("training.generator", {}),
     "codec": ("training.codec", {}),
