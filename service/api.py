@@ -209,6 +209,14 @@ async def decode_uploads(uploads: list[UploadFile], core: Core, invert: str) -> 
     return np.stack(arrays)
 
 
+async def one_image(request: Request, core: Core, model) -> np.ndarray:
+    """A form with exactly one `image` and no other field -> (1, 28, 28) for `model`."""
+    uploads, _ = await read_form(request, core, set())
+    if len(uploads) != 1:
+        raise ApiError(400, f"send exactly one image, got {len(uploads)}", "bad_field")
+    return await decode_uploads(uploads, core, model.meta["preprocessing"]["invert"])
+
+
 def decode_image(data: bytes, label: str, max_pixels: int, invert: str) -> np.ndarray:
     """One upload -> (28, 28) float32; 4xx ApiError for anything that is not a sane image."""
     if not data:
@@ -347,12 +355,8 @@ async def generate(request: Request, core: Core) -> Response:
 
 @endpoint("compress")
 async def compress(request: Request, core: Core) -> Response:
-    uploads, _ = await read_form(request, core, set())
-    if len(uploads) != 1:
-        raise ApiError(400, f"send exactly one image, got {len(uploads)}", "bad_field")
     encoder = core.models["encoder"]
-    images = await decode_uploads(uploads, core, encoder.meta["preprocessing"]["invert"])
-    (code,) = await core.run("encoder", (images,))
+    (code,) = await core.run("encoder", (await one_image(request, core, encoder),))
     n = code.shape[0]
     return JSONResponse({"code": base64.b64encode(code.tobytes()).decode(), "bytes": n,
                          "original_bytes": pp.IMAGE_SIZE * pp.IMAGE_SIZE,
@@ -380,12 +384,7 @@ async def decompress(request: Request, core: Core) -> Response:
 
 @endpoint("denoise")
 async def denoise(request: Request, core: Core) -> Response:
-    uploads, _ = await read_form(request, core, set())
-    if len(uploads) != 1:
-        raise ApiError(400, f"send exactly one image, got {len(uploads)}", "bad_field")
-    model = core.models["denoiser"]
-    images = await decode_uploads(uploads, core, model.meta["preprocessing"]["invert"])
-    (image,) = await core.run("denoiser", (images,))
+    (image,) = await core.run("denoiser", (await one_image(request, core, core.models["denoiser"]),))
     return png_response(image)
 
 

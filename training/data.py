@@ -9,7 +9,6 @@ canonical files for users with internet; nothing downloads unless asked to.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import os
 import struct
@@ -19,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from service.runtime import sha256_file
 
 
 @dataclass(frozen=True)
@@ -67,15 +68,6 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
         return Path(os.environ["DEEPSERVE_DATA_DIR"]).expanduser()
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     return cache / "deepserve" / "datasets"
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def verify(data_dir: Path, spec: DataFile, registry: dict[str, DataFile] | None = None) -> Path:

@@ -1,6 +1,5 @@
 """Start-up refuses unverifiable models; settings change behaviour (API key, limits, batching)."""
 
-import json
 import shutil
 
 import httpx
