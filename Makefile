@@ -16,7 +16,7 @@ export PYTHONPATH := $(CURDIR)
 help:
 	@echo "make serve        serve exported/ models on $(HOST):$(PORT) (PORT=... to change)"
 	@echo "make test         the whole test suite (starts the real server)"
-	@echo "make train        retrain every model on CPU, then make evaluate (~55 min on 2 cores)"
+	@echo "make train        retrain every model on CPU, then make evaluate (the recorded times add up to ~72 min on 2 cores)"
 	@echo "make train-smoke  every family's --dry-run (one batch, scratch output)"
 	@echo "make evaluate     recompute all metrics from the exported ONNX files"
 	@echo "make build        bentoml build (a Bento with service/ and exported/)"
