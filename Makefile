@@ -11,7 +11,7 @@ export DEEPSERVE_DATA_DIR ?= $(abspath ../shared/datasets)
 endif
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: help serve test test-fast tools loadtest stress bench train train-smoke evaluate build fixtures settings-table clean
+.PHONY: help serve test test-fast lint tools loadtest stress bench train train-smoke evaluate publish build fixtures settings-table clean gpu-check screenshots
 
 help:
 	@echo "make serve        serve exported/ models on $(HOST):$(PORT) (PORT=... to change)"
@@ -19,10 +19,13 @@ help:
 	@echo "make train        retrain every model on CPU, then make evaluate (the recorded times add up to ~72 min on 2 cores)"
 	@echo "make train-smoke  every family's --dry-run (one batch, scratch output)"
 	@echo "make evaluate     recompute all metrics from the exported ONNX files"
+	@echo "make publish FAMILY=f [EPOCHS=n]   train a new inactive version of one family, evaluate it, print how to load it"
+	@echo "make lint         ruff check + ruff format --check (part of make test)"
 	@echo "make build        bentoml build (a Bento with service/ and exported/)"
 	@echo "make loadtest     locust against URL (default: starts deepserve); results/loadtest-*/"
 	@echo "make stress       8x saturation for a minute: sheds fast, bounded memory, recovers"
 	@echo "make bench        deepserve vs FastAPI, LitServe, no-op and in-process ORT -> docs/benchmarks.md"
+	@echo "make gpu-check    the GPU image's packages in .venv-gpu-check (~1.6 GB download): CUDA libraries all resolve (docs/gpu.md)"
 
 $(VENV)/.serve-installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,16 +40,21 @@ $(VENV)/.dev-installed: pyproject.toml $(VENV)/.serve-installed
 serve: $(VENV)/.serve-installed
 	$(VENV)/bin/bentoml serve service.service:DeepServe --host $(HOST) --port $(PORT)
 
-test: $(VENV)/.dev-installed tools
+test: $(VENV)/.dev-installed tools lint
 	$(PY) -m pytest
 
-# Prometheus (the monitoring test) and wrk (the benchmark), from Debian's packages, as root
+# System tools from Debian's packages, as root: prometheus + promtool (the monitoring test),
+# wrk (make bench, make stress), haproxy (the replica-crash test), chromium + chromedriver
+# (the playground's browser test). Tests that need a missing tool skip with a clear message.
+TOOLS := prometheus promtool wrk haproxy chromium chromedriver
+APT_TOOLS := prometheus wrk haproxy chromium chromium-driver
 tools:
-	@command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v wrk >/dev/null || \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    echo "installing prometheus and wrk (apt-get)"; \
-	    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus wrk >/dev/null; \
-	  else echo "warning: prometheus/promtool/wrk missing and apt-get unusable: the monitoring test skips, make bench fails"; fi
+	@missing=""; for t in $(TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing$$missing (apt-get)"; \
+	  apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_TOOLS) >/dev/null; \
+	else echo "warning:$$missing missing and apt-get unusable: the tests that need them skip, make bench fails"; fi
 
 loadtest: $(VENV)/.dev-installed
 	loadtests/run.sh
@@ -58,9 +66,10 @@ bench: $(VENV)/.dev-installed tools
 	$(PY) -m bench
 
 test-fast: $(VENV)/.dev-installed
-	$(PY) -m pytest -m "unit or export"
+	$(PY) -m pytest -m "unit or contract or export"
 
-FAMILIES := digits fashion sentiment generator codec denoiser
+# every family of the registry (training/families.py), never a hand-kept list
+FAMILIES = $(shell $(PY) -m training --list)
 train: $(VENV)/.dev-installed
 	@set -e; start=$$(date +%s); for f in $(FAMILIES); do $(PY) -m training $$f; done; \
 	  echo "trained all families in $$(( ($$(date +%s) - start) / 60 )) min"
@@ -69,6 +78,18 @@ train: $(VENV)/.dev-installed
 train-smoke: $(VENV)/.dev-installed
 	@set -e; start=$$(date +%s); for f in $(FAMILIES); do $(PY) -m training $$f --dry-run --out runs/dry-run; done; \
 	  echo "train-smoke: every family ran in $$(( $$(date +%s) - start )) s"
+
+# a new, inactive version of one family in the model directory, evaluated against its bars,
+# with its smoke set; prints the admin call that loads it into a running server
+FAMILY ?=
+EPOCHS ?=
+publish: $(VENV)/.dev-installed
+	@test -n "$(FAMILY)" || { echo "usage: make publish FAMILY=<$$($(PY) -m training --list | tr ' ' '|')> [EPOCHS=n]"; exit 2; }
+	$(PY) -m training.publish $(FAMILY) $(if $(EPOCHS),--epochs $(EPOCHS))
+
+lint: $(VENV)/.dev-installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 evaluate: $(VENV)/.dev-installed
 	$(PY) -m training.evaluate
@@ -84,3 +105,8 @@ settings-table: $(VENV)/.serve-installed
 
 clean:
 	rm -rf runs results .pytest_cache
+
+# The GPU image's python packages (deploy/bentofile-gpu.yaml) in a scratch venv: ONNX Runtime's
+# CUDA provider must resolve every library but the driver's libcuda.so.1. Not in `make test`.
+gpu-check:
+	$(PYTHON) deploy/gpu_check.py --venv .venv-gpu-check

@@ -149,13 +149,13 @@ def in_process(seconds: float = 0.5) -> dict[str, dict]:
     (rows/s; for generate-16, requests/s = rows/s ÷ 16)."""
     from service import preprocessing as pp
     from service import tasks
-    from service.runtime import load_registry
+    from service.core import load_models
 
-    models = load_registry(REPO / "exported", "cpu", os.cpu_count() or 1)
+    models = load_models(REPO / "exported", "cpu", os.cpu_count() or 1)
     x = pp.scale_pixels(np.load(FIXTURES / "mnist_test500.npz")["images"][:256])
     texts = [line.rsplit("\t", 1)[0] for line in (FIXTURES / "sst2_dev200.tsv").read_text().splitlines()[1:257]]
     ids = [s or [pp.UNK] for s in tasks.encode_texts(models["sentiment"], texts)]
-    z, d = pp.sample_latents(256, models["generator"].meta["preprocessing"]["z_dim"], 0, 7)
+    z, d = pp.sample_latents(256, models["generator"].meta.preprocessing.z_dim, 0, 7)
     runs = {"classify-image": lambda b: tasks.classify_images(models["digits"], x[:b]),
             "classify-text": lambda b: tasks.classify_token_ids(models["sentiment"], ids[:b]),
             "generate-16": lambda b: tasks.generate(models["generator"], z[:b], d[:b]),

@@ -9,21 +9,19 @@ import math
 import litserve as ls
 import numpy as np
 
-from bench.peers import EXPORTED, decode, top
+from bench.common import decode, models, top
 from service import preprocessing as pp
 from service import tasks
-from service.runtime import load_registry
-from service.settings import usable_cores
 
 
 class Classify(ls.LitAPI):
     def setup(self, device):
-        self.models = load_registry(EXPORTED, "cpu", usable_cores())
+        self.models = models()
 
     def decode_request(self, request):
         if hasattr(request, "getlist"):  # multipart form
             m = self.models[request.get("model", "digits")]
-            return ("image", m.name, decode(request["image"].file.read(), m.meta["preprocessing"]["invert"]))
+            return ("image", m.name, decode(request["image"].file.read(), m.meta.preprocessing.invert))
         m = self.models["sentiment"]
         return ("text", m.name, tasks.encode_texts(m, [request["text"]])[0] or [pp.UNK])
 
@@ -51,7 +49,7 @@ class Classify(ls.LitAPI):
 
 class Generate(ls.LitAPI):
     def setup(self, device):
-        self.models = load_registry(EXPORTED, "cpu", usable_cores())
+        self.models = models()
 
     def decode_request(self, request):
         return request.get("n", 16), request.get("digit"), request.get("seed", 0)
@@ -61,7 +59,7 @@ class Generate(ls.LitAPI):
 
     def predict(self, xs):
         g = self.models["generator"]
-        zs, ds = zip(*(pp.sample_latents(n, g.meta["preprocessing"]["z_dim"], s, d) for n, d, s in xs))
+        zs, ds = zip(*(pp.sample_latents(n, g.meta.preprocessing.z_dim, s, d) for n, d, s in xs))
         images = tasks.generate(g, np.concatenate(zs), np.concatenate(ds))
         counts = np.cumsum([n for n, _, _ in xs])[:-1]
         return [pp.png_bytes(pp.grid(part, cols=math.ceil(math.sqrt(len(part))))) for part in np.split(images, counts)]

@@ -7,41 +7,28 @@ would write in an afternoon.
 
 
 # no `from __future__ import annotations`: FastAPI reads the handlers' real type hints
-import io
 import math
 import sys
 
 import numpy as np
-from PIL import Image
 
+from bench.common import decode, top
+from bench.common import models as load_models
 from service import preprocessing as pp
 from service import tasks
-from service.runtime import load_registry
-from service.settings import REPO, usable_cores
-
-EXPORTED = REPO / "exported"
-
-
-def decode(data: bytes, invert: str) -> np.ndarray:
-    return pp.to_grey_square(Image.open(io.BytesIO(data)), invert)[None]  # (1, 28, 28)
 
 
 def generate_png(models, n: int, digit, seed: int) -> bytes:
-    z, digits = pp.sample_latents(n, models["generator"].meta["preprocessing"]["z_dim"], seed, digit)
+    z, digits = pp.sample_latents(n, models["generator"].meta.preprocessing.z_dim, seed, digit)
     images = tasks.generate(models["generator"], z, digits)
     return pp.png_bytes(pp.grid(images, cols=math.ceil(math.sqrt(n))))
-
-
-def top(model, probs: np.ndarray) -> dict:
-    i = int(probs.argmax())
-    return {"model": model.name, "label": model.meta["labels"][i], "index": i, "confidence": float(probs[i])}
 
 
 def fastapi_app():
     """One request at a time per call, no batching: the afternoon version."""
     from fastapi import FastAPI, Request, Response, UploadFile
 
-    models = load_registry(EXPORTED, "cpu", usable_cores())
+    models = load_models()
     app = FastAPI()
 
     @app.post("/classify")
@@ -54,7 +41,7 @@ def fastapi_app():
         form = await request.form()
         upload: UploadFile = form["image"]
         m = models[form.get("model", "digits")]
-        probs = tasks.classify_images(m, decode(await upload.read(), m.meta["preprocessing"]["invert"]))
+        probs = tasks.classify_images(m, decode(await upload.read(), m.meta.preprocessing.invert))
         return top(m, probs[0])
 
     @app.post("/generate")

@@ -24,8 +24,15 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "tests" / "fixtures"
-LABELS = {name: json.loads((REPO / "exported" / f"{name}.json").read_text())["labels"]
-          for name in ("digits", "fashion", "sentiment")}  # fmt: skip
+def _labels(name: str) -> list[str]:
+    """A model's labels, from its active version's metadata (through the manifest)."""
+    manifest = json.loads((REPO / "exported" / "manifest.json").read_text())
+    entry = manifest["models"][name]
+    files = entry["versions"][manifest["families"][entry["family"]]["active"]]
+    return json.loads((REPO / "exported" / files["metadata"]).read_text())["labels"]
+
+
+LABELS = {name: _labels(name) for name in ("digits", "fashion", "sentiment")}
 log = logging.getLogger("loadtest")
 
 

@@ -1,76 +1,157 @@
-"""Adaptive batching for every model path, on BentoML's own batcher.
+"""Adaptive batching: one queue and one batch thread per model version.
 
-Each model gets one `CorkDispatcher` (the adaptive batcher behind BentoML's
-`@bentoml.api(batchable=True)`): it merges concurrent requests into one call, learns the
-call's cost, and sheds a request (503) when it predicts the request would wait past
-`max_latency_ms`. Items reach it already validated, so one bad request never fails its
-neighbours; the batch function must return exactly one result per item.
+While a batch runs, requests queue; when it finishes, everything queued (up to
+`max_batch_size` requests) becomes the next batch. Batches therefore grow with the load and
+add no waiting at all when the model is idle (no timer, no calibration phase). The batcher
+keeps a running estimate of what a batch costs (fixed part + per row) and sheds a request
+at once (Overloaded -> 503) when it predicts the request would wait longer than
+`max_latency_ms`: queueing past that only makes every waiting client later.
+
+Jobs reach it validated, so one bad request never fails its neighbours. A job whose request
+was cancelled (timeout, failure) or whose client is gone before its batch starts is skipped:
+no model work starts for it. The batch function must return exactly one result per job.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
-
-import numpy as np
-from bentoml._internal.marshal.dispatcher import CorkDispatcher
 
 
 class Overloaded(Exception):
-    """The batcher shed this request: it would have waited longer than max_latency_ms."""
+    """Shed: the request would have waited longer than max_latency_ms."""
+
+
+@dataclass(eq=False)
+class _Pending:
+    job: Any
+    rows: int
+    future: asyncio.Future
+    queued_at: float
+    alive: Callable[[], bool] | None
+
+
+class CostModel:
+    """seconds(rows) = fixed + per_row * rows, fitted by exponentially weighted least squares."""
+
+    def __init__(self, decay: float = 0.9):
+        self.decay = decay
+        self.n = self.sx = self.sy = self.sxx = self.sxy = 0.0
+        self.fixed, self.per_row = 0.0, 0.0
+
+    def observe(self, rows: int, seconds: float) -> None:
+        d = self.decay
+        self.n, self.sx, self.sy = d * self.n + 1, d * self.sx + rows, d * self.sy + seconds
+        self.sxx, self.sxy = d * self.sxx + rows * rows, d * self.sxy + rows * seconds
+        var = self.n * self.sxx - self.sx * self.sx
+        if var > 1e-9:
+            slope = (self.n * self.sxy - self.sx * self.sy) / var
+            self.per_row = max(slope, 0.0)
+            self.fixed = max((self.sy - self.per_row * self.sx) / self.n, 0.0)
+        else:  # every batch had the same size so far: split evenly
+            self.fixed, self.per_row = 0.0, self.sy / max(self.sx, 1e-9)
+
+    def seconds(self, rows: int, batches: int) -> float:
+        return self.fixed * batches + self.per_row * rows
 
 
 class Batcher:
-    def __init__(self, name: str, fn: Callable[[list[Any]], list[Any]], *, enabled: bool,
-                 max_batch_size: int, max_latency_ms: int,
-                 executor: concurrent.futures.Executor, on_requests: Callable[[str, int], None] | None = None):  # fmt: skip
-        self.name, self.fn, self.enabled, self.executor = name, fn, enabled, executor
-        self.on_requests = on_requests
-        self.dispatcher = CorkDispatcher(
-            max_latency_in_ms=max_latency_ms, max_batch_size=max_batch_size,
-            fallback=self._shed, get_batch_size=lambda _: 1,
-        )  # fmt: skip
-        self._call = self.dispatcher(self._run_batch)
+    def __init__(self, name: str, fn: Callable[[list[Any]], list[Any]], *, executor: concurrent.futures.Executor,
+                 enabled: bool = True, max_batch_size: int = 64, max_latency_ms: float = 2000,
+                 on_batch: Callable[[str, int, int, float], None] | None = None):  # fmt: skip
+        self.name, self.fn, self.executor = name, fn, executor
+        self.max_batch_size = max_batch_size if enabled else 1
+        self.max_latency_s = max_latency_ms / 1000
+        self.on_batch = on_batch  # (name, requests, rows, seconds), from the batch thread
+        self.cost = CostModel()
+        self.queue: collections.deque[_Pending] = collections.deque()
+        self.queued_rows = 0
+        self.running_until = 0.0  # predicted end of the batch in flight (monotonic)
+        self._wake: asyncio.Event | None = None
+        self._loop_task: asyncio.Task | None = None
 
-    async def submit(self, item: Any) -> Any:
-        """One validated item in, its result out (batched with concurrent items)."""
-        if not self.enabled:
-            (result,) = await self._run_batch((item,))
-            return result
-        result = await self._call(item)
-        if isinstance(result, BaseException):
-            raise result
-        return result
+    def predicted_wait(self, rows: int) -> float:
+        """Seconds a request of `rows` rows would wait and run if it arrived now."""
+        batches_ahead = -(-len(self.queue) // self.max_batch_size) + 1
+        running = max(self.running_until - time.monotonic(), 0.0)
+        return running + self.cost.seconds(self.queued_rows + rows, batches_ahead)
 
-    async def _run_batch(self, items: Sequence[Any]) -> list[Any]:
+    def admit(self, rows: int) -> None:
+        """Shed now if the request would be late (call before doing work for it)."""
+        if self.queue and self.predicted_wait(rows) > self.max_latency_s:
+            raise Overloaded(f"{self.name} is overloaded: the request would wait too long")
+
+    async def submit(self, job: Any, rows: int, alive: Callable[[], bool] | None = None) -> Any:
+        """One validated job in, its result out (batched with concurrent jobs)."""
+        self.admit(rows)
+        if self._loop_task is None:
+            self._wake = asyncio.Event()
+            self._loop_task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.name}")
+        fut = asyncio.get_running_loop().create_future()
+        self.queue.append(_Pending(job, rows, fut, time.monotonic(), alive))
+        self.queued_rows += rows
+        self._wake.set()
+        return await fut
+
+    async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, self._run_sync, list(items))
+        while True:
+            while not self.queue:
+                self._wake.clear()
+                await self._wake.wait()
+            batch: list[_Pending] = []
+            while self.queue and len(batch) < self.max_batch_size:
+                p = self.queue.popleft()
+                self.queued_rows -= p.rows
+                if p.future.done():  # cancelled: timed out or failed while queued
+                    continue
+                if p.alive is not None and not p.alive():  # the client hung up while queued
+                    p.future.cancel()
+                    continue
+                batch.append(p)
+            if not batch:
+                continue
+            rows = sum(p.rows for p in batch)
+            start = time.monotonic()
+            self.running_until = start + self.cost.seconds(rows, 1)
+            try:
+                results = await loop.run_in_executor(self.executor, self._run, [p.job for p in batch], rows)
+            except Exception as exc:  # the batch failed: every request in it gets the error
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(exc)
+                continue
+            finally:
+                self.running_until = 0.0
+            for p, r in zip(batch, results):
+                if hasattr(p.job, "queued_s"):
+                    p.job.queued_s = start - p.queued_at
+                if not p.future.done():
+                    p.future.set_result(r)
 
-    def _run_sync(self, items: list[Any]) -> list[Any]:
-        results = self.fn(items)
-        if len(results) != len(items):  # the batching contract: one result per request
-            raise RuntimeError(f"{self.name}: {len(results)} results for {len(items)} requests")
-        if self.on_requests is not None:
-            self.on_requests(self.name, len(items))
+    def _run(self, jobs: list[Any], rows: int) -> Sequence[Any]:
+        start = time.perf_counter()
+        results = self.fn(jobs)
+        seconds = time.perf_counter() - start
+        if len(results) != len(jobs):  # the batching contract: one result per request
+            raise RuntimeError(f"{self.name}: {len(results)} results for {len(jobs)} requests")
+        self.cost.observe(rows, seconds)
+        for job in jobs:
+            if hasattr(job, "infer_s"):
+                job.infer_s = seconds
+        if self.on_batch is not None:
+            self.on_batch(self.name, len(jobs), rows, seconds)
         return results
 
-    def _shed(self) -> Any:
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():  # our own timeout, not the batcher
-            raise asyncio.CancelledError
-        raise Overloaded(f"{self.name} is overloaded: the request would wait too long")
-
     def shutdown(self) -> None:
-        self.dispatcher.shutdown()
-
-
-def run_rows(fn: Callable[..., np.ndarray], items: Sequence[tuple[np.ndarray, ...]], max_rows: int) -> list[np.ndarray]:
-    """Items are tuples of row-aligned arrays (one tuple per request). Concatenate them,
-    run fn over at most max_rows rows at a time, and split the output back per request."""
-    counts = [len(item[0]) for item in items]
-    columns = [np.concatenate([item[k] for item in items]) for k in range(len(items[0]))]
-    total = sum(counts)
-    out = np.concatenate([fn(*(c[i : i + max_rows] for c in columns)) for i in range(0, total, max_rows)])
-    return np.split(out, np.cumsum(counts)[:-1])
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+        while self.queue:
+            p = self.queue.popleft()
+            if not p.future.done():
+                p.future.cancel()

@@ -1,7 +1,9 @@
-"""The serving core of one worker: verified models, one adaptive batcher per model, warm-up.
+"""The serving core of one worker: the model directory, verified sessions, one adaptive
+batcher per loaded model version, the image-decoding pool, and warm-up.
 
-API handlers hand it validated arrays (one block of rows per request) and get back one
-block of results per request. Nothing here knows about HTTP.
+API handlers hand it validated jobs and get back one result per job. Nothing here knows
+about HTTP. The unit that is loaded and switched is the family (all its models at one
+version); each worker keeps the active and the previous version loaded (service.versions).
 """
 
 from __future__ import annotations
@@ -11,99 +13,206 @@ import concurrent.futures
 import functools
 import gc
 import logging
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-from service import metrics, tasks
-from service import preprocessing as pp
-from service.batching import Batcher, run_rows
-from service.runtime import Model, load_registry
-from service.settings import Settings
+from service import metrics
+from service.batching import Batcher
+from service.metadata import Manifest, MetadataError, read_manifest
+from service.runtime import Model, ModelLoadError, load_model, sha256_file
+from service.settings import Settings, usable_cores
+from service.tasks import TASKS, Job, Task, run_job
 
 log = logging.getLogger("deepserve")
 
 
+class NotServed(LookupError):
+    """No such model, task or loaded version (the HTTP layer answers 404)."""
+
+
+@dataclass
+class Loaded:
+    """One family at one version: its models, and a batcher for each."""
+
+    family: str
+    version: str
+    models: dict[str, Model]
+    batchers: dict[str, Batcher] = field(default_factory=dict)
+
+    def shutdown(self) -> None:
+        for b in self.batchers.values():
+            b.shutdown()
+
+
+def load_family(directory: Path, manifest: Manifest, family: str, version: str, device: str, threads: int) -> Loaded:
+    """Open and check every model of a family at one version (no batchers yet)."""
+    models = {}
+    for name in manifest.families[family].models:
+        entry = manifest.models[name]
+        files = entry.versions.get(version)
+        if files is None:
+            raise ModelLoadError(f"model {name!r} has no version {version!r} in the manifest")
+        model = load_model(directory, name, files, device, threads)
+        if model.task != entry.task or model.family != family or model.version != version:
+            raise ModelLoadError(f"model {name!r}: metadata says task {model.task!r}, family {model.family!r}, "
+                                 f"version {model.version!r}; the manifest says {entry.task!r}, {family!r}, {version!r}")  # fmt: skip
+        try:
+            TASKS[model.task].check(model)
+        except ValueError as exc:
+            raise ModelLoadError(f"model {name!r}: {exc}") from None
+        check_smoke(directory / Path(files.metadata).parent, model)
+        models[name] = model
+    return Loaded(family, version, models)
+
+
+def check_smoke(folder: Path, model: Model) -> None:
+    """Run the model on its smoke set (golden inputs and outputs stored beside it) and refuse
+    it if any output differs by more than the set's tolerance."""
+    smoke = model.meta.smoke
+    if smoke is None:
+        return
+    path = folder / smoke.file
+    if not path.is_file() or sha256_file(path) != smoke.sha256:
+        raise ModelLoadError(f"model {model.name!r}: smoke set {smoke.file} is missing or does not match its sha256")
+    with np.load(path) as npz:
+        feeds = {k[3:]: npz[k] for k in npz.files if k.startswith("in:")}
+        want = {k[4:]: npz[k] for k in npz.files if k.startswith("out:")}
+    try:
+        got = dict(zip(model.output_names, model.run(**feeds)))
+    except (ValueError, RuntimeError) as exc:
+        raise ModelLoadError(f"model {model.name!r}: smoke set does not run: {exc}") from None
+    for name, expected in want.items():
+        diff = float(np.max(np.abs(got[name].astype(np.float64) - expected))) if name in got else float("inf")
+        if not diff <= smoke.atol:
+            raise ModelLoadError(f"model {model.name!r}: smoke set output {name!r} differs by {diff:.3g} "
+                                 f"(tolerance {smoke.atol:g}): this file does not compute what it was evaluated as")  # fmt: skip
+
+
+def load_all(directory: Path, device: str = "cpu", threads: int = 1) -> tuple[Manifest, dict[str, Loaded]]:
+    """Every family's active version, verified (used at start-up, before workers start)."""
+    try:
+        manifest = read_manifest(directory)
+    except MetadataError as exc:
+        raise ModelLoadError(str(exc)) from None
+    return manifest, {f: load_family(directory, manifest, f, e.active, device, threads) for f, e in manifest.families.items()}
+
+
+def load_models(directory: Path, device: str = "cpu", threads: int = 1) -> dict[str, Model]:
+    """Every model at its active version, by name (evaluation, benchmarks' peers)."""
+    _, loaded = load_all(directory, device, threads)
+    return {n: m for fam in loaded.values() for n, m in fam.models.items()}
+
+
 class Core:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, directory: Path | None = None):
         self.settings = settings
-        self.models: dict[str, Model] = load_registry(settings.exported_dir, settings.device, settings.ort_threads())
+        self.directory = directory or settings.exported_dir
+        self.threads = settings.ort_threads()
+        self.manifest, active = load_all(self.directory, settings.device, self.threads)
         self.ready = False
         # one thread per model: a model runs one batch at a time, different models in parallel
-        self.executor = concurrent.futures.ThreadPoolExecutor(len(self.models), thread_name_prefix="ort")
-        self.batchers = {name: self._batcher(name, fn) for name, fn in self._batch_functions().items()}
-        for model in self.models.values():
-            model.on_batch = metrics.observe_batch
-            metrics.get().model_info.labels(model.name, model.version, model.provider).set(1)
-            log.info("model %s %s on %s (%d ORT threads)", model.name, model.version,
-                     model.provider, settings.ort_threads())  # fmt: skip
+        self.executors: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
+        self.active: dict[str, Loaded] = {}
+        self.previous: dict[str, Loaded] = {}
+        for family, loaded in active.items():
+            self._serve(loaded)
+            self.active[family] = loaded
+        # decoding large images: off the event loop, as many threads as this process may use
+        self.decode_pool = concurrent.futures.ThreadPoolExecutor(
+            settings.decode_threads or usable_cores(), thread_name_prefix="decode")
+        self.decode_backlog = 0  # pixels submitted to the pool and not yet decoded
+        for loaded in self.active.values():
+            for model in loaded.models.values():
+                metrics.model_served(model, 1)
+                log.info("model %s %s (%s) on %s%s, %d ORT threads", model.name, model.version, model.task,
+                         model.provider, f" ({model.provider_reason})" if model.provider_reason else "", self.threads)  # fmt: skip
+
+    # ------------------------------------------------------------------ lookup
+
+    @property
+    def models(self) -> dict[str, Model]:
+        """Every served model (active versions), by name."""
+        return {n: m for loaded in self.active.values() for n, m in loaded.models.items()}
+
+    def family_of(self, name: str) -> str:
+        return self.manifest.models[name].family
+
+    def default_model(self, task: str) -> str:
+        name = self.manifest.default_for(task)
+        if name is None or self.family_of(name) not in self.active:
+            raise NotServed(f"no model for task {task!r} is served here")
+        return name
+
+    def names_for(self, task: str) -> list[str]:
+        return [n for n, e in self.manifest.models.items() if e.task == task and e.family in self.active]
+
+    def resolve(self, name: str, version: str | None = None) -> tuple[Model, Batcher]:
+        """A model at its active version, or at a pinned version that is loaded."""
+        entry = self.manifest.models.get(name)
+        if entry is None or entry.family not in self.active:
+            raise NotServed(f"no model {name!r}")
+        loaded = self.active[entry.family]
+        if version is not None and version != loaded.version:
+            prev = self.previous.get(entry.family)
+            if prev is None or prev.version != version:
+                raise NotServed(f"model {name!r} has no loaded version {version!r}; loaded: {self.loaded_versions(name)}")
+            loaded = prev
+        return loaded.models[name], loaded.batchers[name]
+
+    def loaded_versions(self, name: str) -> list[str]:
+        family = self.family_of(name)
+        return [x.version for x in (self.active.get(family), self.previous.get(family)) if x is not None]
 
     @property
     def provider(self) -> str:
         return next(iter(self.models.values())).provider
 
-    def _batcher(self, name: str, fn) -> Batcher:
+    # ------------------------------------------------------------------ batching
+
+    def _serve(self, loaded: Loaded) -> None:
+        """Give every model of a loaded family version its batcher."""
         s = self.settings
-        return Batcher(name, fn, enabled=s.batching, max_batch_size=s.max_batch_size,
-                       max_latency_ms=s.max_latency_ms, executor=self.executor,
-                       on_requests=lambda n, k: metrics.get().batch_requests.labels(n).observe(k))  # fmt: skip
+        for name, model in loaded.models.items():
+            model.on_batch = metrics.observe_batch
+            task = TASKS[model.task]
+            executor = self.executors.setdefault(
+                name, concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"ort-{name}"))
+            loaded.batchers[name] = Batcher(
+                name, functools.partial(_execute, task, model, s.max_batch_rows), executor=executor,
+                enabled=s.batching, max_batch_size=s.max_batch_size, max_latency_ms=s.max_latency_ms,
+                on_batch=metrics.observe_requests)  # fmt: skip
 
-    def _batch_functions(self) -> dict:
-        """model name -> function(list of per-request inputs) -> list of per-request outputs."""
-        m = self.models
-        rows = lambda fn: functools.partial(run_rows, fn, max_rows=self.settings.max_batch_rows)
-        fns = {
-            "digits": rows(functools.partial(tasks.classify_images, m.get("digits"))),
-            "fashion": rows(functools.partial(tasks.classify_images, m.get("fashion"))),
-            "generator": rows(functools.partial(tasks.generate, m.get("generator"))),
-            "encoder": rows(functools.partial(_compress_rows, m.get("encoder"))),
-            "decoder": rows(functools.partial(_decompress_rows, m.get("decoder"))),
-            "denoiser": rows(functools.partial(tasks.denoise, m.get("denoiser"))),
-            "sentiment": functools.partial(_texts_batch, m.get("sentiment")),
-        }
-        return {name: fn for name, fn in fns.items() if name in m}
-
-    async def run(self, model: str, item):
-        """Submit one request's validated input to the model's batcher."""
-        return await self.batchers[model].submit(item)
-
-    async def warmup(self) -> None:
+    async def warmup(self, loaded: list[Loaded] | None = None) -> None:
         """Run every model through its batcher on dummy input (ORT's first runs are slow, and
-        BentoML's batcher calibrates its cost model on its first calls); then mark ready."""
-        blank = np.zeros((1, pp.IMAGE_SIZE, pp.IMAGE_SIZE), dtype=np.float32)
-        samples = {"digits": (blank,), "fashion": (blank,), "denoiser": (blank,), "encoder": (blank,),
-                   "sentiment": [[pp.UNK]]}  # fmt: skip
-        if "generator" in self.models:
-            z, d = pp.sample_latents(1, self.models["generator"].meta["preprocessing"]["z_dim"], 0, 0)
-            samples["generator"] = (z, d)
-        if "decoder" in self.models:
-            samples["decoder"] = (np.zeros((1, self.models["decoder"].meta["codec"]["bytes"]), np.uint8),)
-        for name in self.batchers:
-            for _ in range(3):  # waves: the calibration wants calls of 1, 2 and 3 requests
-                await asyncio.gather(*(self.run(name, samples[name]) for _ in range(12)))
-        # everything allocated so far (BentoML, ORT sessions, metadata) lives for the whole
-        # process: keep it out of the collector's generations so its pauses stay short
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(50_000, 50, 100)  # fewer, still small, young collections per request burst
-        self.ready = True
-        log.info("deepserve ready: %d models warmed up", len(self.models))
+        the batcher's cost model wants a few batches of different sizes); then mark ready."""
+        for fam in loaded or list(self.active.values()):
+            for name, model in fam.models.items():
+                task, batcher = TASKS[model.task], fam.batchers[name]
+                for wave in (1, 4, 12):
+                    await asyncio.gather(*(batcher.submit(j, j.rows) for j in (task.warmup(model) for _ in range(wave))))
+        if loaded is None:
+            # everything allocated so far (BentoML, ORT sessions, metadata) lives for the whole
+            # process: keep it out of the collector's generations so its pauses stay short
+            gc.collect()
+            gc.freeze()
+            gc.set_threshold(50_000, 50, 100)  # fewer, still small, young collections per request burst
+            self.ready = True
+            log.info("deepserve ready: %d models warmed up", len(self.models))
 
     def shutdown(self) -> None:
-        for b in self.batchers.values():
-            b.shutdown()
-        self.executor.shutdown(wait=True)
+        for loaded in [*self.active.values(), *self.previous.values()]:
+            loaded.shutdown()
+        for ex in self.executors.values():
+            ex.shutdown(wait=True)
+        self.decode_pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _compress_rows(encoder: Model, images: np.ndarray) -> np.ndarray:
-    codes = tasks.compress(encoder, images)
-    return np.frombuffer(b"".join(codes), dtype=np.uint8).reshape(len(codes), -1)
+def _execute(task: Task, model: Model, max_rows: int, jobs: list[Job]) -> list:
+    """The batch function of one model (runs in its batch thread): forward, then finish."""
+    outputs = task.forward(model, jobs, max_rows)
+    return [job.finish(out) if job.finish else out for job, out in zip(jobs, outputs)]
 
 
-def _decompress_rows(decoder: Model, codes: np.ndarray) -> np.ndarray:
-    return tasks.decompress(decoder, [row.tobytes() for row in codes])
-
-
-def _texts_batch(model: Model, items: list[list[list[int]]]) -> list[np.ndarray]:
-    counts = [len(it) for it in items]
-    probs = tasks.classify_token_ids(model, [seq for it in items for seq in it])
-    return np.split(probs, np.cumsum(counts)[:-1])
+__all__ = ["Core", "Loaded", "NotServed", "load_all", "load_family", "load_models", "run_job"]

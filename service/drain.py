@@ -1,11 +1,15 @@
-"""Graceful drain on SIGTERM, in each BentoML worker.
+"""Graceful drain on SIGTERM, in each BentoML worker, keep-alive clients included.
 
 Uvicorn, on SIGTERM, closes the listening socket at once: requests that are still in the
-kernel's accept queue (sent by clients, not yet picked up by a busy worker) are reset, so a
-client sees its request dropped. Before handing SIGTERM on, deepserve turns /readyz to 503
-(load balancers stop routing), keeps serving until the accept queue is empty and no request is
-in flight, then lets uvicorn close the socket and finish as usual. The drain is bounded by the
-request timeout.
+kernel's accept queue (sent by clients, not yet picked up by a busy worker) are reset, and
+idle keep-alive connections are closed under clients that may be writing on them. Before
+handing SIGTERM on, deepserve turns /readyz to 503 (load balancers stop routing), answers
+every response with `Connection: close` (a pooled client then opens its next connection
+elsewhere, or finds the port closed: not sent, nothing lost), and keeps serving until no
+request is being handled, the accept queue is empty and no connection is mid-request; then
+it lets uvicorn close the socket and finish as usual. The drain is bounded by the request
+timeout. The same worker also applies the keep-alive and graceful-shutdown timeouts to
+uvicorn, and exits (draining first) when its supervisor is gone (service.versions).
 """
 
 from __future__ import annotations
@@ -48,12 +52,30 @@ def accept_queue(fd: int | None) -> int:
         sock.detach()
 
 
-class Drain:
-    """Counts requests in flight and runs the drain when SIGTERM arrives."""
+def busy_connections(server) -> int:
+    """uvicorn connections with a request in progress (idle keep-alive ones are not busy)."""
+    if server is None:
+        return 0
+    busy = 0
+    for conn in list(getattr(getattr(server, "server_state", None), "connections", ())):
+        cycle = getattr(conn, "cycle", None)
+        if cycle is not None and not cycle.response_complete:
+            busy += 1
+    return busy
 
-    def __init__(self, max_seconds: float):
-        self.max_seconds, self.in_flight, self.draining = max_seconds, 0, False
+
+class Drain:
+    """Knows whether the worker is draining and runs the drain when SIGTERM arrives."""
+
+    def __init__(self, max_seconds: float, app=None):
+        self.max_seconds, self.app, self.draining = max_seconds, app, False
+        self.server = None  # uvicorn.Server, found through its SIGTERM handler
         self._fd = listening_fd()
+        self._handler = None
+
+    @property
+    def in_flight(self) -> int:
+        return self.app.handling if self.app is not None else 0
 
     def install(self) -> None:
         """Wrap the SIGTERM handler uvicorn installed (call from the running event loop)."""
@@ -61,6 +83,8 @@ class Drain:
         previous = signal.getsignal(signal.SIGTERM)
         if not callable(previous):
             return
+        self.server = getattr(previous, "__self__", None)
+        self._apply_timeouts()
 
         def on_term(sig, frame):
             if self.draining:
@@ -68,14 +92,30 @@ class Drain:
             self.draining = True
             loop.call_soon_threadsafe(lambda: loop.create_task(self._drain_then(previous, sig, frame)))
 
+        self._handler = on_term
         signal.signal(signal.SIGTERM, on_term)
+
+    def _apply_timeouts(self) -> None:
+        """Keep-alive longer than common clients' idle expiry (httpx: 5 s) and load
+        balancers' (60 s), so the server is never the side that closes a connection a client
+        is about to reuse; a bounded wait for stragglers after the drain."""
+        config = getattr(self.server, "config", None)
+        settings = getattr(self.app, "settings", None)
+        if config is not None and settings is not None:
+            config.timeout_keep_alive = settings.keep_alive_s
+            config.timeout_graceful_shutdown = settings.graceful_shutdown_s
+
+    def start(self) -> None:
+        """Drain as if SIGTERM had arrived (used when the supervisor is gone)."""
+        if self._handler is not None:
+            self._handler(signal.SIGTERM, None)
 
     async def _drain_then(self, previous, sig, frame) -> None:
         start = time.monotonic()
         deadline, quiet_since = start + self.max_seconds, None
         log.info("SIGTERM: draining (%d in flight, %d queued)", self.in_flight, accept_queue(self._fd))
         while time.monotonic() < deadline:
-            if self.in_flight == 0 and accept_queue(self._fd) == 0:
+            if self.in_flight == 0 and accept_queue(self._fd) == 0 and busy_connections(self.server) == 0:
                 quiet_since = quiet_since or time.monotonic()
                 if time.monotonic() - quiet_since >= QUIET_S:
                     break

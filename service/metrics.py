@@ -3,6 +3,10 @@
 prometheus_client is imported on first use, after BentoML has set PROMETHEUS_MULTIPROC_DIR
 in the worker, so every metric lands in the multiprocess files that /metrics aggregates
 (an import-time metric would live in a private registry and never show up).
+
+Every label value comes from a fixed set: endpoints are route templates (unrouted paths are
+one value, static files another), models and reasons come from the registry and the code,
+status codes from what deepserve sends. So /metrics cannot grow with what clients send.
 """
 
 from __future__ import annotations
@@ -12,8 +16,20 @@ from types import SimpleNamespace
 
 # CPU inference of these models takes 0.1–50 ms per batch; buckets resolve that range.
 SECONDS_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.0, 2.0, 5.0)
+REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 CONFIDENCE_BUCKETS = (0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.0)
+STAGES = ("read", "decode", "queue", "infer", "encode", "total")
+
+
+def worker_index() -> str:
+    """BentoML's worker index (1, 2, ...) in a worker; "0" outside a server."""
+    try:
+        from bentoml._internal.context import server_context
+
+        return str(server_context.worker_index or 0)
+    except Exception:  # noqa: BLE001 (BentoML not initialised: in-process tests, tools)
+        return "0"
 
 
 @functools.cache
@@ -22,6 +38,15 @@ def get() -> SimpleNamespace:
     import prometheus_client as prom
 
     return SimpleNamespace(
+        requests=prom.Counter(
+            "deepserve_http_requests", "HTTP requests answered, by endpoint (route template) and status",
+            ["endpoint", "code"]),
+        duration=prom.Histogram(
+            "deepserve_http_request_duration_seconds", "time from the request's arrival to its last byte sent",
+            ["endpoint", "code"], buckets=REQUEST_BUCKETS),
+        stage=prom.Histogram(
+            "deepserve_stage_seconds", "where a model request's time goes (the stages of Server-Timing)",
+            ["endpoint", "stage"], buckets=SECONDS_BUCKETS),
         inference_seconds=prom.Histogram(
             "deepserve_inference_seconds", "ONNX Runtime time per executed batch",
             ["model"], buckets=SECONDS_BUCKETS),
@@ -32,14 +57,20 @@ def get() -> SimpleNamespace:
             "deepserve_batch_requests", "HTTP requests merged into one executed batch",
             ["model"], buckets=ROWS_BUCKETS),
         rejected=prom.Counter(
-            "deepserve_rejected_requests", "requests answered with an error, by endpoint and reason",
-            ["endpoint", "reason"]),
+            "deepserve_rejected_requests", "requests answered with an error (or abandoned by their client), "
+            "by endpoint and reason", ["endpoint", "reason"]),
         confidence=prom.Histogram(
             "deepserve_prediction_confidence", "top-1 probability of each classification",
             ["model"], buckets=CONFIDENCE_BUCKETS),
+        ood=prom.Counter(
+            "deepserve_predictions", "classifications by model and whether the input looked like the "
+            "training data (in_distribution true/false)", ["model", "in_distribution"]),
         model_info=prom.Gauge(
-            "deepserve_model_info", "1 for every served model, with its version and execution provider",
-            ["model", "version", "provider"], multiprocess_mode="max"),
+            "deepserve_model_info", "1 for every model version a worker serves (0 once it stops), with its "
+            "provider; `reason` says why CUDA was not used", ["model", "version", "provider", "reason", "worker"],
+            multiprocess_mode="mostrecent"),
+        swaps=prom.Counter(
+            "deepserve_model_swaps", "model version changes attempted, by family and outcome", ["family", "outcome"]),
     )  # fmt: skip
 
 
@@ -49,5 +80,15 @@ def observe_batch(model: str, rows: int, seconds: float) -> None:
     m.batch_rows.labels(model).observe(rows)
 
 
+def observe_requests(model: str, requests: int, rows: int, seconds: float) -> None:
+    get().batch_requests.labels(model).observe(requests)
+
+
 def reject(endpoint: str, reason: str) -> None:
     get().rejected.labels(endpoint, reason).inc()
+
+
+def model_served(model, value: int) -> None:
+    get().model_info.labels(model.name, model.version, model.provider, model.provider_reason or "",
+                            worker_index()).set(value)  # fmt: skip
+

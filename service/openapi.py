@@ -1,116 +1,157 @@
-"""The OpenAPI 3.0 document for deepserve's routes, served at /docs.json and /openapi.json."""
+"""The contracts, generated from the task registry and the settings (never kept by hand):
+the OpenAPI 3 document (/docs.json, /openapi.json) and the route description BentoML's own
+client reads (/schema.json). Limits, model names and labels come from the same objects the
+server enforces, so the documents cannot drift from what is served."""
 
 from __future__ import annotations
 
-import functools
+from typing import Any
+
+from service.settings import Settings
+from service.tasks import TASKS, Task, routes
 
 ERROR = {"$ref": "#/components/schemas/Error"}
+ERROR_TEXT = {
+    400: "invalid input (the message names the field and the problem)",
+    401: "API key missing or wrong (only when DEEPSERVE_API_KEY is set)",
+    404: "no such model, no model for this task, or the pinned model_version is not loaded",
+    408: "the request body made no progress for DEEPSERVE_BODY_IDLE_TIMEOUT_S",
+    413: "body, image pixels or text over a configured limit",
+    415: "wrong Content-Type, or an upload that is not a supported image",
+    422: "reject_ood was set and an input looks unlike the model's training data",
+    503: "overloaded or still starting; retry after the Retry-After header",
+    504: "the request did not finish within DEEPSERVE_REQUEST_TIMEOUT_S",
+}
+PNG = {"image/png": {"schema": {"type": "string", "format": "binary"}}}
+IMAGE_TYPES = "image/png, image/jpeg, image/gif, image/bmp, image/webp, image/tiff, application/octet-stream"
 
 
-def _errors(*codes: int) -> dict:
-    text = {400: "invalid input (the message names the field and the problem)",
-            401: "API key missing or wrong (only when DEEPSERVE_API_KEY is set)",
-            413: "body, image pixels or text over a configured limit",
-            415: "wrong Content-Type, or an upload that is not a supported image",
-            503: "overloaded or still starting; retry after the Retry-After header",
-            504: "the request did not finish within DEEPSERVE_REQUEST_TIMEOUT_S"}  # fmt: skip
-    return {str(c): {"description": text[c], "content": {"application/json": {"schema": ERROR}}}
-            for c in (*codes, 401, 503, 504)}  # fmt: skip
+def errors(*codes: int) -> dict:
+    return {str(c): {"description": ERROR_TEXT[c], "content": {"application/json": {"schema": ERROR}}}
+            for c in sorted({*codes, 401, 503, 504})}  # fmt: skip
 
 
-def _png(desc: str) -> dict:
-    return {"description": desc, "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}}
+def model_names(core, task: Task) -> list[str]:
+    return core.names_for(task.name) if core is not None else []
 
 
-def _image_form(extra: dict | None = None, many: bool = False) -> dict:
-    image = {"type": "string", "format": "binary",
-             "description": "PNG, JPEG, GIF, BMP, WebP or TIFF; grey or colour; any size up to the pixel limit"}  # fmt: skip
-    props = {"image": {"type": "array", "items": image, "minItems": 1, "maxItems": 64} if many else image}
-    props.update(extra or {})
-    return {"required": True, "content": {"multipart/form-data": {
-        "schema": {"type": "object", "required": ["image"], "properties": props, "additionalProperties": False},
-        "encoding": {"image": {"contentType": "image/png, image/jpeg, image/gif, image/bmp, image/webp, image/tiff"}}}}}  # fmt: skip
+def common_fields(core, task: Task) -> dict:
+    names = model_names(core, task)
+    default = core.manifest.default_for(task.name) if core is not None else None
+    model = {"type": "string", "description": f"which model of task {task.name} (default: {default})"}
+    if names:
+        model["enum"] = names
+    return {"model": model,
+            "model_version": {"type": "string", "description": "pin a loaded version (GET /models lists them); "
+                              "404 names the loaded ones otherwise"}}  # fmt: skip
 
 
-@functools.cache
-def document() -> dict:
-    top_k = {"type": "integer", "minimum": 1, "maximum": 10}
-    text_body = {"type": "object", "additionalProperties": False, "properties": {
-        "text": {"type": "string", "minLength": 1, "maxLength": 20000, "pattern": r"\S"},
-        "texts": {"type": "array", "minItems": 1, "maxItems": 64,
-                  "items": {"type": "string", "minLength": 1, "maxLength": 20000, "pattern": r"\S"}},
-        "top_k": top_k, "model": {"type": "string", "enum": ["sentiment"]}},
-        "oneOf": [{"required": ["text"]}, {"required": ["texts"]}]}  # fmt: skip
-    classify_ok = {"description": "one result, or {results: [...]} for several images or `texts`",
-                   "content": {"application/json": {"schema": {"oneOf": [
-                       {"$ref": "#/components/schemas/Classification"},
-                       {"type": "object", "required": ["results"], "properties": {
-                           "results": {"type": "array", "items": {"$ref": "#/components/schemas/Classification"}}}}]}}}}  # fmt: skip
-    paths = {
-        "/classify": {"post": {
-            "summary": "Classify images (digits, fashion) or text (sentiment)",
-            "description": "Images as multipart/form-data (repeat `image` for several); text as JSON. "
-                           "Dark-on-light images are inverted automatically; every image is fitted to 28×28.",
-            "requestBody": {"required": True, "content": {
-                **_image_form({"model": {"type": "string", "enum": ["digits", "fashion"], "default": "digits"},
-                               "top_k": {**top_k, "default": 3}}, many=True)["content"],
-                "application/json": {"schema": text_body}}},
-            "responses": {"200": classify_ok, **_errors(400, 413, 415)}}},
-        "/generate": {"post": {
-            "summary": "Draw digits with the conditional GAN",
-            "description": "The same n, digit and seed always give byte-identical images.",
-            "requestBody": {"required": True, "content": {"application/json": {"schema": {
-                "type": "object", "additionalProperties": False, "properties": {
-                    "n": {"type": "integer", "minimum": 1, "maximum": 64, "default": 16},
-                    "digit": {"type": "integer", "minimum": 0, "maximum": 9, "nullable": True},
-                    "seed": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
-                    "format": {"type": "string", "enum": ["png", "json"], "default": "png"}}}}}},
-            "responses": {"200": {"description": "a PNG grid (format=png; seed in X-Seed) or JSON", "content": {
-                "image/png": {"schema": {"type": "string", "format": "binary"}},
-                "application/json": {"schema": {"$ref": "#/components/schemas/Generated"}}}},
-                **_errors(400, 413, 415)}}},
-        "/compress": {"post": {
-            "summary": "Compress one image to a 16-byte code",
-            "requestBody": _image_form(),
-            "responses": {"200": {"description": "the code", "content": {"application/json": {
-                "schema": {"$ref": "#/components/schemas/Code"}}}}, **_errors(400, 413, 415)}}},
-        "/decompress": {"post": {
-            "summary": "Decode a code from /compress to a 28×28 PNG",
-            "requestBody": {"required": True, "content": {"application/json": {"schema": {
-                "type": "object", "required": ["code"], "additionalProperties": False,
-                "properties": {"code": {"type": "string", "format": "byte", "description": "base64 of 16 bytes"}}}}}},
-            "responses": {"200": _png("the 28×28 reconstruction"), **_errors(400, 413, 415)}}},
-        "/denoise": {"post": {
-            "summary": "Remove noise from a digit image; returns 28×28 (inputs of other sizes are fitted to 28×28 first)",
-            "requestBody": _image_form(),
-            "responses": {"200": _png("the 28×28 cleaned image"), **_errors(400, 413, 415)}}},
-        "/models": {"get": {
-            "summary": "Every served model: version, sha256, signature, metrics, execution provider",
-            "responses": {"200": {"description": "the registry", "content": {"application/json": {
-                "schema": {"type": "object", "required": ["models", "provider"]}}}}, **_errors()}}},
-    }  # fmt: skip
+def request_body(settings: Settings, core, by_body: dict[str, Task]) -> dict:
+    content = {}
+    for kind, task in by_body.items():
+        props, required = task.properties(settings, model_names(core, task))
+        schema = {"type": "object", "properties": {**props, **common_fields(core, task)}, "additionalProperties": False}
+        if required:
+            schema["required"] = required
+        if "text" in props and "texts" in props:
+            schema["oneOf"] = [{"required": ["text"]}, {"required": ["texts"]}]
+        if kind == "multipart":
+            content["multipart/form-data"] = {"schema": schema, "encoding": {"image": {"contentType": IMAGE_TYPES}}}
+        else:
+            content["application/json"] = {"schema": schema}
+    return {"required": True, "content": content}
+
+
+def ok_response(by_body: dict[str, Task]) -> dict:
+    content: dict[str, Any] = {}
+    for task in by_body.values():
+        if task.response == "png":
+            content.update(PNG)
+        if task.response_schema:
+            content["application/json"] = {"schema": {"$ref": f"#/components/schemas/{task.response_schema}"}}
+    return {"description": " / ".join(t.summary for t in by_body.values()), "content": content}
+
+
+def document(settings: Settings, core=None) -> dict:
+    paths: dict[str, Any] = {}
+    for path, by_body in routes().items():
+        codes = {400, 404, 408, 413, 415} | ({422} if any("reject_ood" in t.fields for t in by_body.values()) else set())
+        paths[path] = {"post": {
+            "summary": "; ".join(t.summary for t in by_body.values()),
+            "description": " ".join(f"`{t.name}` ({'JSON' if t.body == 'json' else 'multipart/form-data'})"
+                                    for t in by_body.values()),
+            "requestBody": request_body(settings, core, by_body),
+            "responses": {"200": ok_response(by_body), **errors(*codes)}}}  # fmt: skip
+    paths["/models"] = {"get": {
+        "summary": "Every served model: versions, sha256, signature, metrics, execution provider, trust settings",
+        "responses": {"200": {"description": "the registry", "content": {"application/json": {
+            "schema": {"type": "object", "required": ["models", "provider"]}}}}, **errors()}}}  # fmt: skip
     for probe in ("/livez", "/healthz", "/readyz"):
         paths[probe] = {"get": {"summary": f"BentoML {probe[1:]} probe", "responses": {
             "200": {"description": "OK", "content": {"text/plain": {"schema": {"type": "string"}}}},
             "503": {"description": "not ready/alive", "content": {"text/plain": {"schema": {"type": "string"}}}}}}}
-    components = {"schemas": {
-        "Error": {"type": "object", "required": ["error", "status"], "properties": {
-            "error": {"type": "string"}, "status": {"type": "integer"}, "limit": {"type": "number"}}},
-        "Classification": {"type": "object", "required": ["model", "model_version", "label", "index", "confidence", "top_k"],
-            "properties": {"model": {"type": "string"}, "model_version": {"type": "string"}, "label": {"type": "string"},
-                "index": {"type": "integer"}, "confidence": {"type": "number", "minimum": 0, "maximum": 1},
-                "top_k": {"type": "array", "items": {"type": "object", "required": ["label", "index", "probability"],
-                    "properties": {"label": {"type": "string"}, "index": {"type": "integer"},
-                                   "probability": {"type": "number", "minimum": 0, "maximum": 1}}}}}},
-        "Generated": {"type": "object", "required": ["images", "seed", "digits"], "properties": {
-            "images": {"type": "array", "items": {"type": "string", "format": "byte"}},
-            "seed": {"type": "integer"}, "digits": {"type": "array", "items": {"type": "integer"}},
-            "model_version": {"type": "string"}}},
-        "Code": {"type": "object", "required": ["code", "bytes", "original_bytes", "ratio", "model_version"], "properties": {
-            "code": {"type": "string", "format": "byte"}, "bytes": {"type": "integer"},
-            "original_bytes": {"type": "integer"}, "ratio": {"type": "number"}, "model_version": {"type": "string"}}},
-    }}  # fmt: skip
-    return {"openapi": "3.0.3", "info": {"title": "deepserve", "version": "0.1.0",
-            "description": "Digits, fashion and sentiment classifiers, a digit generator, an image "
-                           "codec and a denoiser, on ONNX Runtime behind BentoML."},
-            "paths": paths, "components": components}  # fmt: skip
+    from service import v2
+
+    paths.update(v2.openapi_paths(settings, core))
+    return {"openapi": "3.0.3",
+            "info": {"title": "deepserve", "version": "0.2.0",
+                     "description": "Digits, fashion and sentiment classifiers, a digit generator, an image codec and "
+                                    "a denoiser, on ONNX Runtime behind BentoML. Also speaks the Open Inference "
+                                    "Protocol (KServe v2 / Triton) under /v2."},
+            "paths": paths, "components": {"schemas": SCHEMAS}}  # fmt: skip
+
+
+CLASSIFICATION = {"type": "object", "required": ["model", "model_version", "label", "index", "confidence", "top_k"],
+    "properties": {"model": {"type": "string"}, "model_version": {"type": "string"}, "label": {"type": "string"},
+        "index": {"type": "integer"}, "confidence": {"type": "number", "minimum": 0, "maximum": 1},
+        "top_k": {"type": "array", "items": {"type": "object", "required": ["label", "index", "probability"],
+            "properties": {"label": {"type": "string"}, "index": {"type": "integer"},
+                           "probability": {"type": "number", "minimum": 0, "maximum": 1}}}},
+        "ood_score": {"type": "number", "description": "images: higher = less like the training data"},
+        "unknown_token_rate": {"type": "number", "minimum": 0, "maximum": 1,
+                               "description": "texts: share of words the model does not know"},
+        "in_distribution": {"type": "boolean", "description": "false: do not trust this answer; the input "
+                            "looks unlike what the model was trained on"}}}  # fmt: skip
+SCHEMAS = {
+    "Error": {"type": "object", "required": ["error", "status"], "properties": {
+        "error": {"type": "string"}, "status": {"type": "integer"}, "request_id": {"type": "string"},
+        "limit": {"type": "number"}}},
+    "Classification": CLASSIFICATION,
+    "ClassificationResult": {"oneOf": [
+        {"$ref": "#/components/schemas/Classification"},
+        {"type": "object", "required": ["results"], "properties": {
+            "results": {"type": "array", "items": {"$ref": "#/components/schemas/Classification"}}}}]},
+    "Generated": {"type": "object", "required": ["images", "seed", "digits"], "properties": {
+        "images": {"type": "array", "items": {"type": "string", "format": "byte"}},
+        "seed": {"type": "integer"}, "digits": {"type": "array", "items": {"type": "integer"}},
+        "model_version": {"type": "string"}}},
+    "Code": {"type": "object", "required": ["code", "bytes", "original_bytes", "ratio", "model_version"], "properties": {
+        "code": {"type": "string", "format": "byte"}, "bytes": {"type": "integer"},
+        "original_bytes": {"type": "integer"}, "ratio": {"type": "number"}, "model_version": {"type": "string"}}},
+}  # fmt: skip
+
+
+def bentoml_schema(settings: Settings, core=None) -> dict:
+    """/schema.json as BentoML's own client reads it: one method per task (two share
+    /classify: `classify` sends images as multipart, `classify_text` sends JSON)."""
+    out = []
+    for path, by_body in routes().items():
+        for kind, task in by_body.items():
+            props, required = task.properties(settings, model_names(core, task))
+            props = {**props, **common_fields(core, task)}
+            if kind == "multipart":  # the client sends a property as a file when its type is "file"
+                image = props["image"]
+                props["image"] = {"type": "array", "items": {"type": "file", "format": "image"}} \
+                    if image.get("type") == "array" else {"type": "file", "format": "image"}  # fmt: skip
+            if task.response == "png":
+                props.pop("format", None)  # the client expects what the schema says: the PNG
+                output = {"type": "file", "format": "image", "pil": True, "content_type": "image/png"}
+            else:
+                output = {"type": "object"}
+            out.append({"name": task.client_method, "route": path, "doc": task.summary,
+                        "input": {"type": "object", "properties": props, "required": required},
+                        "output": output, "is_task": False})  # fmt: skip
+    return {"name": "deepserve", "type": "service", "routes": out}
+
+
+__all__ = ["TASKS", "bentoml_schema", "document"]

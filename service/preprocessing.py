@@ -32,49 +32,55 @@ def normalize(images: np.ndarray, mean: float, std: float) -> np.ndarray:
 
 
 def to_grey_square(img: Image.Image, invert: str = "none") -> np.ndarray:
-    """A decoded upload -> float32 (28, 28) in [0, 1], MNIST-style.
+    """A decoded image -> float32 (28, 28) in [0, 1], MNIST-style.
 
-    The rule: apply EXIF orientation, take the first frame, composite alpha over white,
+    The rule (every image endpoint): apply EXIF orientation, composite alpha over white,
     convert to 8-bit grey, optionally invert so the subject is light on dark (`invert` is
-    "none", "always" or "auto": auto inverts when the border is brighter than the middle,
-    i.e. a dark digit on light paper), pad to a square with the background colour, then
-    resize to 28×28 with a box filter (area averaging) for downscaling, bilinear for upscaling.
+    "none", "always" or "auto": auto inverts when the border is brighter than 127.5, i.e. a
+    dark digit on light paper), scale the longer side to 28 (area averaging when shrinking,
+    bilinear when enlarging) and centre it on a 28×28 canvas of the border's median colour.
+    Memory stays proportional to the image's own pixels: padding to a square happens on the
+    28×28 canvas, after the resize, so a 62,500×256 strip never becomes 62,500² pixels.
     """
     img = ImageOps.exif_transpose(img) or img
-    if getattr(img, "n_frames", 1) > 1:
-        img.seek(0)
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, rgba)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr16 = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if arr16.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(arr16 / peak * 255.0 + 0.5, 0, 255).astype(np.uint8))
-    grey = np.asarray(img.convert("L"), dtype=np.uint8)  # (H, W)
-    if invert == "always" or (invert == "auto" and _looks_dark_on_light(grey)):
-        grey = 255 - grey
-    return scale_pixels(_square_resize(grey))
-
-
-def _looks_dark_on_light(grey: np.ndarray) -> bool:
+    grey = _grey(img)  # (H, W) uint8
     border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
-    return float(border.mean()) > 127.5
+    if invert == "always" or (invert == "auto" and float(border.mean()) > 127.5):
+        grey, border = 255 - grey, 255 - border
+    return scale_pixels(fit_square(grey, int(np.median(border))))
 
 
-def _square_resize(grey: np.ndarray) -> np.ndarray:
+def _grey(img: Image.Image) -> np.ndarray:
+    """Any Pillow mode -> (H, W) uint8 grey; alpha over white, 16-bit scaled to 8."""
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
+        la = np.asarray(img.convert("LA"), dtype=np.uint16)  # (H, W, 2): grey and alpha
+        grey, alpha = la[..., 0], la[..., 1]
+        return ((grey * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img)
+        if arr.dtype.kind not in "iu":
+            arr = np.asarray(img.convert("I"))
+        peak = 65535 if int(arr.max(initial=0)) > 255 else 255
+        return (np.clip(arr, 0, peak).astype(np.uint32) * 255 // peak).astype(np.uint8)
+    return np.asarray(img.convert("L"), dtype=np.uint8)
+
+
+def fit_square(grey: np.ndarray, fill: int, size: int = IMAGE_SIZE) -> np.ndarray:
+    """(H, W) uint8 -> (size, size) uint8: longer side scaled to `size`, centred on `fill`."""
     h, w = grey.shape
-    if (h, w) == (IMAGE_SIZE, IMAGE_SIZE):
+    if (h, w) == (size, size):
         return grey
     side = max(h, w)
-    border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
-    fill = int(np.median(border))
-    canvas = np.full((side, side), fill, dtype=np.uint8)
-    top, left = (side - h) // 2, (side - w) // 2
-    canvas[top : top + h, left : left + w] = grey
-    resample = Image.Resampling.BOX if side > IMAGE_SIZE else Image.Resampling.BILINEAR
-    out = Image.fromarray(canvas).resize((IMAGE_SIZE, IMAGE_SIZE), resample)
-    return np.asarray(out, dtype=np.uint8)
+    new_w, new_h = max(1, round(w * size / side)), max(1, round(h * size / side))
+    src = Image.fromarray(grey)
+    if side > 4 * size:  # integer box-reduce first: fast, and the final resize sees <= 4x its size
+        src = src.reduce(side // (2 * size))
+    resample = Image.Resampling.BOX if side > size else Image.Resampling.BILINEAR
+    small = np.asarray(src.resize((new_w, new_h), resample), dtype=np.uint8)
+    canvas = np.full((size, size), fill, dtype=np.uint8)
+    top, left = (size - new_h) // 2, (size - new_w) // 2
+    canvas[top : top + new_h, left : left + new_w] = small
+    return canvas
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:

@@ -1,14 +1,13 @@
-"""The ONNX Runtime core: a verified registry of exported models and batch-in/batch-out runs.
+"""The ONNX Runtime core: verified sessions and batch-in/batch-out runs.
 
 No torch and no BentoML here: `training.evaluate` measures the committed models through
-exactly this code, and the BentoML service wraps it.
+exactly this code, and the service wraps it.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -18,10 +17,13 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from service.metadata import Metadata, MetadataError, VersionFiles, read_metadata
+
 log = logging.getLogger("deepserve")
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
-_DTYPES = {"float32": np.float32, "int64": np.int64}
+DTYPES = {"float32": np.float32, "int64": np.int64, "uint8": np.uint8}
+ORT_TYPES = {"float32": "tensor(float)", "int64": "tensor(int64)", "uint8": "tensor(uint8)"}
 
 
 class ModelLoadError(RuntimeError):
@@ -50,24 +52,48 @@ def providers_for(device: str) -> list[str]:
     return [CUDA, CPU] if CUDA in available else [CPU]
 
 
+@functools.cache
+def cuda_reason() -> str:
+    """Why CUDA is not used, in one line (the library that failed to load, where known)."""
+    try:
+        from service.gpu import cuda_unavailable_reason
+
+        return cuda_unavailable_reason() or "CUDA provider did not load"
+    except ImportError:
+        return "onnxruntime has no CUDA provider" if CUDA not in ort.get_available_providers() else "unknown"
+
+
 @dataclass
 class Model:
-    """One verified ONNX session plus the metadata that describes it."""
+    """One verified ONNX session plus the typed metadata that describes it."""
 
     name: str
-    meta: dict
+    meta: Metadata
     session: ort.InferenceSession
     provider: str
+    provider_reason: str = ""  # why not CUDA, when auto fell back to the CPU
     on_batch: Callable[[str, int, float], None] | None = field(default=None, repr=False)
 
     @property
     def version(self) -> str:
-        return self.meta["version"]
+        return self.meta.version
+
+    @property
+    def family(self) -> str:
+        return self.meta.family
+
+    @property
+    def task(self) -> str:
+        return self.meta.task
 
     @functools.cached_property
     def vocab_index(self) -> dict[str, int]:
         """Token -> id for text models (built once)."""
-        return {tok: i for i, tok in enumerate(self.meta.get("vocabulary", []))}
+        return {tok: i for i, tok in enumerate(getattr(self.meta, "vocabulary", []))}
+
+    @functools.cached_property
+    def output_names(self) -> list[str]:
+        return [o.name for o in self.meta.outputs]
 
     def run(self, **feeds: np.ndarray) -> list[np.ndarray]:
         """Run one batch; inputs and outputs are checked against the metadata's signature."""
@@ -75,17 +101,17 @@ class Model:
         start = time.perf_counter()
         outputs = self.session.run(None, feeds)
         seconds = time.perf_counter() - start
-        for spec, out in zip(self.meta["outputs"], outputs):
+        for spec, out in zip(self.meta.outputs, outputs):
             if out.shape[0] != rows:  # one output row per input row, always
                 raise RuntimeError(f"{self.name}: {out.shape[0]} output rows for {rows} inputs")
-            if not np.all(np.isfinite(out)):
-                raise RuntimeError(f"{self.name}: non-finite values in output {spec['name']}")
+            if out.dtype.kind == "f" and not np.all(np.isfinite(out)):
+                raise RuntimeError(f"{self.name}: non-finite values in output {spec.name}")
         if self.on_batch is not None:
             self.on_batch(self.name, rows, seconds)
         return outputs
 
     def _check_inputs(self, feeds: dict[str, np.ndarray]) -> int:
-        specs = {s["name"]: s for s in self.meta["inputs"]}
+        specs = {s.name: s for s in self.meta.inputs}
         if set(feeds) != set(specs):
             raise ValueError(f"{self.name}: inputs {sorted(feeds)}, expected {sorted(specs)}")
         rows = {int(a.shape[0]) for a in feeds.values() if a.ndim}
@@ -93,12 +119,12 @@ class Model:
             raise ValueError(f"{self.name}: inputs disagree on the batch size or are empty")
         for name, arr in feeds.items():
             spec = specs[name]
-            if arr.dtype != _DTYPES[spec["dtype"]]:
-                raise ValueError(f"{self.name}.{name}: dtype {arr.dtype}, expected {spec['dtype']}")
-            if arr.ndim != len(spec["shape"]) or any(
-                isinstance(d, int) and d != got for d, got in zip(spec["shape"], arr.shape)
+            if arr.dtype != DTYPES[spec.dtype]:
+                raise ValueError(f"{self.name}.{name}: dtype {arr.dtype}, expected {spec.dtype}")
+            if arr.ndim != len(spec.shape) or any(
+                isinstance(d, int) and d != got for d, got in zip(spec.shape, arr.shape)
             ):
-                raise ValueError(f"{self.name}.{name}: shape {arr.shape}, expected {spec['shape']}")
+                raise ValueError(f"{self.name}.{name}: shape {arr.shape}, expected {spec.shape}")
         return rows.pop()
 
 
@@ -112,41 +138,44 @@ def session_options(threads: int) -> ort.SessionOptions:
     return opts
 
 
-def load_model(exported: Path, name: str, device: str = "cpu", threads: int = 1) -> Model:
-    """Open one model after checking its file against the metadata's sha256 and size."""
-    meta_path = exported / f"{name}.json"
+def check_signature(name: str, meta: Metadata, session: ort.InferenceSession) -> None:
+    """The ONNX file's inputs and outputs must be exactly the ones its metadata declares."""
+    for kind, specs, actual in (("inputs", meta.inputs, session.get_inputs()),
+                                ("outputs", meta.outputs, session.get_outputs())):  # fmt: skip
+        got = [(a.name, a.type, len(a.shape)) for a in actual]
+        want = [(s.name, ORT_TYPES[s.dtype], len(s.shape)) for s in specs]
+        if got != want:
+            raise ModelLoadError(f"model {name!r}: ONNX {kind} {got} do not match the metadata's {want}")
+
+
+def load_model(directory: Path, name: str, files: VersionFiles, device: str = "cpu", threads: int = 1) -> Model:
+    """Open one model at one version after checking its file against the sha256 in the
+    manifest and in its metadata, and its signature against the metadata."""
     try:
-        meta = json.loads(meta_path.read_text())
-    except FileNotFoundError as exc:
-        raise ModelLoadError(f"model {name!r}: metadata {meta_path} is missing") from exc
-    except json.JSONDecodeError as exc:
-        raise ModelLoadError(f"model {name!r}: metadata {meta_path} is not valid JSON ({exc})") from exc
-    path = exported / meta["file"]
+        meta = read_metadata(directory / files.metadata, name)
+    except MetadataError as exc:
+        raise ModelLoadError(str(exc)) from None
+    if meta.name != name:
+        raise ModelLoadError(f"model {name!r}: its metadata names it {meta.name!r}")
+    path = directory / files.file
     if not path.is_file():
         raise ModelLoadError(f"model {name!r}: ONNX file {path} is missing")
     digest = sha256_file(path)
-    if digest != meta["sha256"]:
+    if digest != meta.sha256 or digest != files.sha256:
         raise ModelLoadError(
-            f"model {name!r}: {path} has sha256 {digest[:16]}…, metadata says {meta['sha256'][:16]}…; "
-            "refusing to serve an unverified model"
+            f"model {name!r}: {path.name} has sha256 {digest[:16]}…, the manifest says {files.sha256[:16]}… "
+            f"and the metadata {meta.sha256[:16]}…; refusing to serve an unverified model"
         )
     wanted = providers_for(device)
     try:
         session = ort.InferenceSession(str(path), session_options(threads), providers=wanted)
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
-        raise ModelLoadError(f"model {name!r}: ONNX Runtime cannot load {path}: {exc}") from exc
+        raise ModelLoadError(f"model {name!r}: ONNX Runtime cannot load {path.name}: {str(exc)[:300]}") from exc
+    check_signature(name, meta, session)
     active = session.get_providers()[0]
     if device == "cuda" and active != CUDA:
-        raise ModelLoadError(f"model {name!r}: DEEPSERVE_DEVICE=cuda but CUDA did not load")
+        raise ModelLoadError(f"model {name!r}: DEEPSERVE_DEVICE=cuda but CUDA did not load ({cuda_reason()})")
+    reason = "" if active == CUDA else ("DEEPSERVE_DEVICE=cpu" if device == "cpu" else cuda_reason())
     if wanted[0] != active:
-        log.warning("model %s: %s did not load, running on %s", name, wanted[0], active)
-    return Model(name=name, meta=meta, session=session, provider=active)
-
-
-def load_registry(exported: Path, device: str = "cpu", threads: int = 1) -> dict[str, Model]:
-    """Every model in exported/manifest.json, verified and opened once."""
-    manifest_path = exported / "manifest.json"
-    if not manifest_path.is_file():
-        raise ModelLoadError(f"{manifest_path} is missing: no models to serve")
-    names = json.loads(manifest_path.read_text())["models"]
-    return {name: load_model(exported, name, device, threads) for name in names}
+        log.warning("model %s: %s did not load (%s); running on %s", name, wanted[0], reason, active)
+    return Model(name=name, meta=meta, session=session, provider=active, provider_reason=reason)

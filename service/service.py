@@ -1,58 +1,63 @@
 """The BentoML service: `bentoml serve service.service:DeepServe`.
 
-BentoML owns the process model (workers, graceful shutdown), /livez /healthz /readyz
-/metrics, traffic limits and packaging; deepserve's routes are a Starlette app mounted
-inside it (`@bentoml.asgi_app`), batching on BentoML's adaptive batcher (service.core).
-Settings are read and validated here, once, because BentoML needs them when the class
-is declared.
+BentoML owns the process model (workers, restarts, graceful shutdown), /livez /healthz
+/readyz /metrics and packaging. deepserve's front door (service.app) is the outermost ASGI
+layer of each worker: it answers every deepserve route itself and passes BentoML's own
+routes through to BentoML's app, so a model request crosses one layer, not BentoML's and
+Starlette's middleware stacks, and every metric label stays within a fixed set.
+Settings are read and validated here, once, because BentoML needs them when the class is
+declared.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import socket
 
 import bentoml
 from pydantic import ValidationError
 
-from service.api import JsonNotFound, app
-from service.drain import Drain
-from service.runtime import ModelLoadError, load_registry
+from service.app import build_app
+from service.core import load_all
+from service.drain import Drain, listening_fd
+from service.runtime import ModelLoadError
 from service.settings import Settings
 
-MODEL_ROUTES = ["/classify", "/generate", "/compress", "/decompress", "/denoise", "/models"]
+log = logging.getLogger("deepserve")
+PROBES = ["/livez", "/healthz", "/readyz", "/metrics"]
 
 try:
     settings = Settings()
     # Fail fast in the server process, before BentoML spawns workers (it would respawn a
-    # failing worker forever): every model must match its sha256 and load in ONNX Runtime.
-    load_registry(settings.exported_dir, "cpu", 1)
+    # failing worker forever): every model must match its sha256, load in ONNX Runtime and
+    # fit its task; the manifest and every metadata file must be well-typed.
+    load_all(settings.exported_dir, "cpu", 1)
 except (ValidationError, ModelLoadError) as exc:
     raise SystemExit(f"deepserve cannot start: {exc}") from None
 logging.getLogger("deepserve").setLevel(settings.log_level)
 
-_cors = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+front = build_app(settings=settings)  # the core is bound in each worker, below
+app = getattr(front, "deepserve", front)
 
 
 @bentoml.service(
     name="deepserve",
     workers=settings.workers,
-    # deepserve sheds past max_concurrency itself (503 + Retry-After, JSON contract), so
-    # BentoML's own limit (a bare 429, one more middleware per request) is left off
+    # deepserve applies its own request timeout, concurrency limit and CORS in the front
+    # door; BentoML's timeout only wraps the probes it still serves
     traffic={"timeout": settings.request_timeout_s + 5},
-    # OpenTelemetry's per-request span costs more than a small model's inference here
-    tracing={"excluded_urls": MODEL_ROUTES},
-    logging={"access": {"enabled": settings.access_log}},
-    http={"cors": {"enabled": bool(_cors), "access_control_allow_origins": _cors or None,
-                   "access_control_allow_methods": ["GET", "POST"], "access_control_allow_headers": ["*"]}},  # fmt: skip
+    tracing={"excluded_urls": PROBES},
+    logging={"access": {"enabled": False}},  # deepserve writes its own (DEEPSERVE_ACCESS_LOG)
 )
-@bentoml.asgi_app(app, path="/")
 class DeepServe:
     def __init__(self) -> None:
         from service.core import Core
 
         self.core = Core(settings)  # verified again here; serves nothing it could not verify
-        self.drain = Drain(settings.request_timeout_s)
-        app.state.core, app.state.drain = self.core, self.drain
+        self.drain = Drain(settings.request_timeout_s, app)
+        app.bind(self.core, self.drain)
+        warn_if_open(settings)
 
     @bentoml.on_startup
     async def warm_up(self) -> None:
@@ -67,4 +72,33 @@ class DeepServe:
         return self.core.ready and not self.drain.draining
 
 
-DeepServe.add_asgi_middleware(JsonNotFound)
+class _FrontDoorService(type(DeepServe)):
+    """BentoML's Service, whose worker app gets deepserve's front door in front of it."""
+
+    __slots__ = ()
+
+    def to_asgi(self, is_main: bool = True):
+        app.fallback = super().to_asgi(is_main)  # BentoML's app: probes, /metrics, lifespan
+        return front
+
+
+DeepServe.__class__ = _FrontDoorService
+
+
+def warn_if_open(s: Settings) -> None:
+    """Fail closed by default: say so loudly when the port is reachable beyond loopback and
+    no API key is set."""
+    fd = listening_fd()
+    if fd is None or s.api_key:
+        return
+    try:
+        sock = socket.socket(fileno=fd)
+        try:
+            host = sock.getsockname()[0]
+        finally:
+            sock.detach()
+        if not ipaddress.ip_address(host).is_loopback:
+            log.warning("listening on %s with no API key: every model endpoint is open to anyone who can reach "
+                        "this port; set DEEPSERVE_API_KEY or DEEPSERVE_API_KEY_FILE", host)  # fmt: skip
+    except (OSError, ValueError):
+        pass

@@ -6,11 +6,12 @@ so the two cannot disagree.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO = Path(__file__).resolve().parent.parent
@@ -31,14 +32,35 @@ class Settings(BaseSettings):
     max_concurrency: int = Field(128, ge=1, le=100000, description="model requests in flight per worker; more are answered 503 at once")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
     max_image_pixels: int = Field(16_000_000, ge=784, description="larger images (width × height, read from the header) get 413")
+    max_request_pixels: int = Field(32_000_000, ge=784, description="most decoded pixels (all images of one request together, from their headers) before 413")
+    decode_threads: int = Field(0, ge=0, le=64, description="threads that decode large images off the event loop; 0 = the cores this process may use")
+    decode_backlog_pixels: int = Field(64_000_000, ge=784, description="pixels waiting for a decode thread, past which large-image requests get 503")
+    body_idle_timeout_s: float = Field(5.0, gt=0, le=600, description="a request body that makes no progress for this long gets 408")
+    keep_alive_s: int = Field(65, ge=1, le=3600, description="idle keep-alive connections are closed after this; longer than clients' and load balancers' idle timeouts, so the server never closes a connection a client is about to reuse")
+    graceful_shutdown_s: int = Field(10, ge=1, le=600, description="after the drain, how long uvicorn waits for the last connections before closing them")
+    shed_hold_ms: int = Field(200, ge=0, le=5000, description="overload 503s are held this long before they are sent, so clients that retry at once cannot spin")
     max_images: int = Field(64, ge=1, le=1024, description="most images in one /classify request")
     max_texts: int = Field(64, ge=1, le=1024, description="most texts in one /classify request")
     max_text_chars: int = Field(20_000, ge=1, description="longer texts get 413; texts are tokenized then cut to the model's max_tokens")
     max_generate: int = Field(64, ge=1, le=1024, description="largest n for /generate")
     api_key: str = Field("", description="if set, every model endpoint needs header `Authorization: Bearer <key>` or `X-API-Key`")
+    api_key_file: Path | None = Field(None, description="file holding the API key (a mounted Secret); wins over DEEPSERVE_API_KEY; surrounding whitespace is stripped")
     cors_origins: str = Field("", description="comma-separated origins allowed by CORS; empty = CORS off")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="deepserve's own log level")
     access_log: bool = Field(False, description="BentoML's per-request access log lines (off: they cost throughput; metrics count every request)")
+
+    @model_validator(mode="after")
+    def _key_from_file(self):
+        if self.api_key_file is not None:
+            try:
+                key = self.api_key_file.read_text()
+            except OSError as exc:
+                raise ValueError(f"api_key_file {self.api_key_file}: {exc.strerror}") from None
+            object.__setattr__(self, "api_key", key)
+        object.__setattr__(self, "api_key", self.api_key.strip())
+        if self.api_key_file is not None and not self.api_key:
+            raise ValueError(f"api_key_file {self.api_key_file} is empty")
+        return self
 
     @field_validator("exported_dir")
     @classmethod
@@ -53,11 +75,23 @@ class Settings(BaseSettings):
 
 
 def usable_cores() -> int:
-    """Cores this process may run on (its CPU affinity: taskset, cpusets), not the host's count."""
+    """Cores this process may use: its CPU affinity (taskset, cpusets) capped by a cgroup v2
+    CPU quota (a Kubernetes CPU limit), never the host's count."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    return max(1, min(cores, math.ceil(quota))) if quota else cores
+
+
+def cgroup_cpu_quota(path: Path = Path("/sys/fs/cgroup/cpu.max")) -> float | None:
+    """CPUs allowed by the cgroup v2 quota ("200000 100000" -> 2.0); None when unlimited."""
+    try:
+        quota, period = path.read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        return None
 
 
 def settings_table() -> str:
@@ -67,6 +101,8 @@ def settings_table() -> str:
         default = field.default
         if name == "exported_dir":
             default = "exported/ (in the repo)"
+        if default is None:
+            default = ""
         rows.append(f"| `DEEPSERVE_{name.upper()}` | `{default}` | {field.description} |")
     return "\n".join(rows)
 

@@ -1,75 +1,602 @@
-"""Batch-in/batch-out model tasks over runtime.Model, shared by the service and evaluation.
+"""What each task does, declared once: the task registry.
 
-Each function takes already-validated inputs for many requests at once and returns one
-result per input row, in order.
+A model declares its task in its metadata; the task decides everything else: which route
+serves it and with which body, how a request is validated into a batch job, how jobs of
+many requests become one ONNX run (`forward`, in the model's batch thread), what is computed
+from the raw outputs (`finish`, also in the batch thread), how the answer is encoded, how
+the model is warmed up, and which metadata it needs. Nothing else in the service names a
+model: adding a model of an existing task is its files plus a manifest entry.
+
+The batch-in/batch-out functions at the bottom (`classify_images`, `generate`, ...) are the
+same code `training.evaluate` measures the committed models with.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import base64
+import binascii
+import math
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
+from service import metadata as md
+from service import metrics
 from service import preprocessing as pp
+from service.errors import ApiError, bool_field, int_field, shown, str_field
 from service.runtime import Model
+
+MAX_SEED = 2**63 - 1
+TEXT_CHUNK = 64  # texts per ONNX run, sorted by length so padding stays small
+
+
+# --------------------------------------------------------------------------- the contract
+
+
+@dataclass(eq=False)
+class Job:
+    """One request's work for one model: canonical inputs (rows first) and what to compute
+    from its outputs. The batcher runs many jobs as one ONNX batch and never splits a job
+    across answers."""
+
+    inputs: Any
+    rows: int
+    finish: Callable[[dict[str, np.ndarray]], Any] | None = None  # runs in the batch thread
+    info: dict[str, Any] = field(default_factory=dict)  # what the answer needs (labels, seed, ...)
+    queued_s: float = 0.0  # filled in by the batcher
+    infer_s: float = 0.0
+
+
+@dataclass
+class Body:
+    """A parsed request body: JSON fields, or multipart text fields and image files."""
+
+    kind: str  # "json" | "multipart"
+    fields: dict[str, Any]
+    files: list[bytes] = field(default_factory=list)
+
+
+@dataclass
+class Answer:
+    content: bytes | dict
+    media_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)
+    status: int = 200
+
+
+class Context(Protocol):
+    """What a task may ask of the HTTP layer while it parses a request."""
+
+    settings: Any
+
+    async def decode_images(self, files: list[bytes], invert: str) -> np.ndarray: ...
+
+
+class Task:
+    name: ClassVar[str]
+    route: ClassVar[str]  # the HTTP route that serves it
+    body: ClassVar[str]  # "json" or "multipart"
+    fields: ClassVar[frozenset[str]] = frozenset()  # body fields besides model / model_version
+    summary: ClassVar[str] = ""
+
+    def max_rows(self, settings) -> int:
+        """Most rows one request may carry (also the Open Inference Protocol's limit)."""
+        return 1
+
+    def check(self, model: Model) -> None:
+        """Task-specific expectations of a model's signature; raise ValueError if unmet."""
+
+    def forward(self, model: Model, jobs: Sequence[Job], max_rows: int) -> list[dict[str, np.ndarray]]:
+        """Jobs -> raw outputs per job. Default: concatenate tensors, run in chunks, split."""
+        counts = [job.rows for job in jobs]
+        columns = {k: np.concatenate([job.inputs[k] for job in jobs]) for k in jobs[0].inputs}
+        total, names = sum(counts), model.output_names
+        chunks = [model.run(**{k: v[i : i + max_rows] for k, v in columns.items()}) for i in range(0, total, max_rows)]
+        outs = {n: np.concatenate([c[j] for c in chunks]) for j, n in enumerate(names)}
+        bounds = np.cumsum(counts)[:-1]
+        split = {n: np.split(v, bounds) for n, v in outs.items()}
+        return [{n: split[n][i] for n in names} for i in range(len(jobs))]
+
+    def warmup(self, model: Model) -> Job:
+        raise NotImplementedError
+
+    async def parse(self, body: Body, model: Model, ctx: Context) -> Job:
+        raise NotImplementedError
+
+    def answer(self, model: Model, job: Job, result: Any) -> Answer:
+        raise NotImplementedError
+
+    def describe(self, model: Model) -> dict:
+        """Task-specific lines of /models (labels, codec, calibration, ...)."""
+        return {}
+
+    # The contract, for the generated OpenAPI document and BentoML's /schema.json
+    client_method: ClassVar[str]  # the method name BentoML's client gets
+    response: ClassVar[str] = "json"  # "json" (schema below) or "png"
+    response_schema: ClassVar[str] = ""  # a components/schemas name
+
+    def properties(self, s, models: list[str]) -> tuple[dict, list[str]]:
+        """JSON-schema properties of the request body (besides model/model_version) and the
+        required ones; limits come from the settings, so the document cannot drift."""
+        return {}, []
+
+
+TASKS: dict[str, Task] = {}
+
+
+def register(cls: type[Task]) -> type[Task]:
+    TASKS[cls.name] = cls()
+    return cls
+
+
+def task_of(model: Model) -> Task:
+    return TASKS[model.task]
+
+
+def routes() -> dict[str, dict[str, Task]]:
+    """route -> {body kind -> task}: /classify takes images (multipart) and text (JSON)."""
+    out: dict[str, dict[str, Task]] = {}
+    for task in TASKS.values():
+        out.setdefault(task.route, {})[task.body] = task
+    return out
+
+
+def _expect(model: Model, kind: str, names: dict[str, str], optional: dict[str, str] | None = None) -> None:
+    specs = {s.name: s.dtype for s in (model.meta.inputs if kind == "inputs" else model.meta.outputs)}
+    for n, dt in names.items():
+        if specs.get(n) != dt:
+            raise ValueError(f"the task {model.task} needs {kind[:-1]} {n!r} of type {dt}; the model has {specs}")
+    extra = set(specs) - set(names) - set(optional or {})
+    if extra:
+        raise ValueError(f"the task {model.task} does not know {kind} {sorted(extra)}")
+
+
+# --------------------------------------------------------------------------- classification
+
+
+def _classification(model: Model, probs: np.ndarray, top_k: int) -> dict:
+    labels = model.meta.labels
+    order = np.argsort(-probs, kind="stable")[: min(top_k, len(labels))]
+    best = int(order[0])
+    metrics.get().confidence.labels(model.name).observe(float(probs[best]))
+    return {"model": model.name, "model_version": model.version, "label": labels[best], "index": best,
+            "confidence": round(float(probs[best]), 6),
+            "top_k": [{"label": labels[i], "index": int(i), "probability": round(float(probs[i]), 6)} for i in order]}  # fmt: skip
+
+
+def _count_ood(model: Model, results: list[dict]) -> None:
+    flagged = sum(1 for r in results if not r["in_distribution"])
+    counter = metrics.get().ood
+    if flagged:
+        counter.labels(model.name, "false").inc(flagged)
+    if len(results) > flagged:
+        counter.labels(model.name, "true").inc(len(results) - flagged)
+
+
+def calibrated(model: Model, logits: np.ndarray) -> np.ndarray:
+    """The probabilities clients get: softmax(logits / T), T fitted on the validation split."""
+    cal = getattr(model.meta, "calibration", None)
+    return pp.softmax(logits / np.float32(cal.temperature) if cal else logits)
+
+
+def _reject_ood(results: list[dict], many: bool, score: str) -> None:
+    bad = [(i, r) for i, r in enumerate(results) if r.get("in_distribution") is False]
+    if bad:
+        names = [f"{'input #' + str(i + 1) if many else 'the input'} ({score} {r[score]:.3g})" for i, r in bad[:16]]
+        raise ApiError(422, f"out of distribution: {', '.join(names)}; the model was not trained on inputs like "
+                            "these (send reject_ood=false to get labels anyway)", "out_of_distribution",
+                       out_of_distribution=[i for i, _ in bad])  # fmt: skip
+
+
+@register
+class ImageClassification(Task):
+    name = "image-classification"
+    route, body = "/classify", "multipart"
+    fields = frozenset({"top_k", "reject_ood"})
+    summary = "Classify images: one or more `image` files (multipart)"
+
+    def max_rows(self, s) -> int:
+        return s.max_images
+
+    def check(self, model: Model) -> None:
+        _expect(model, "inputs", {"image": "float32"})
+        ood = model.meta.ood.output if model.meta.ood else None
+        _expect(model, "outputs", {"logits": "float32", **({ood: "float32"} if ood else {})})
+        if model.meta.outputs[0].shape[-1] != len(model.meta.labels):
+            raise ValueError(f"{len(model.meta.labels)} labels but {model.meta.outputs[0].shape[-1]} logits")
+
+    def warmup(self, model: Model) -> Job:
+        return self.job(model, np.zeros((1, pp.IMAGE_SIZE, pp.IMAGE_SIZE), np.float32), 3)
+
+    def job(self, model: Model, images: np.ndarray, top_k: int) -> Job:
+        pre = model.meta.preprocessing
+        x = pp.normalize(images, pre.mean, pre.std)[:, None]  # (N, 1, 28, 28)
+
+        def finish(out: dict[str, np.ndarray]) -> list[dict]:
+            probs = calibrated(model, out["logits"])
+            results = [_classification(model, p, top_k) for p in probs]
+            if model.meta.ood:
+                for r, s in zip(results, out[model.meta.ood.output]):
+                    r["ood_score"] = round(float(s), 4)
+                    r["in_distribution"] = bool(s <= model.meta.ood.threshold)
+                _count_ood(model, results)
+            return results
+
+        return Job({"image": x}, len(x), finish)
+
+    async def parse(self, body: Body, model: Model, ctx: Context) -> Job:
+        if not body.files:
+            raise ApiError(400, "no file field 'image' in the form", "missing_image")
+        top_k = int_field(body.fields.get("top_k"), "top_k", 1, 10, default=3)
+        images = await ctx.decode_images(body.files, model.meta.preprocessing.invert)
+        job = self.job(model, images, top_k)
+        job.info["many"] = len(body.files) > 1
+        job.info["reject_ood"] = bool_field(body.fields.get("reject_ood"), "reject_ood")
+        return job
+
+    def answer(self, model: Model, job: Job, result: list[dict]) -> Answer:
+        if job.info["reject_ood"]:
+            _reject_ood(result, job.info["many"], "ood_score")
+        return Answer({"results": result} if job.info["many"] else result[0])
+
+    def describe(self, model: Model) -> dict:
+        return {"labels": model.meta.labels}
+
+    client_method, response_schema = "classify", "ClassificationResult"
+
+    def properties(self, s, models):
+        return {"image": {"type": "array", "items": IMAGE_FILE, "minItems": 1, "maxItems": s.max_images},
+                "top_k": {"type": "integer", "minimum": 1, "maximum": 10, "default": 3},
+                "reject_ood": REJECT_OOD}, ["image"]  # fmt: skip
+
+
+IMAGE_FILE = {"type": "string", "format": "binary",
+              "description": "PNG, JPEG, GIF, BMP, WebP or TIFF; grey or colour; any size up to the pixel limits"}  # fmt: skip
+REJECT_OOD = {"type": "boolean", "default": False,
+              "description": "answer 422 instead of labels when any input looks unlike the training data"}  # fmt: skip
+
+
+@register
+class TextClassification(Task):
+    name = "text-classification"
+    route, body = "/classify", "json"
+    fields = frozenset({"text", "texts", "top_k", "reject_ood"})
+    summary = 'Classify text: JSON {"text": "..."} or {"texts": [...]}'
+
+    def max_rows(self, s) -> int:
+        return s.max_texts
+
+    def check(self, model: Model) -> None:
+        _expect(model, "inputs", {"tokens": "int64", "lengths": "int64"})
+        _expect(model, "outputs", {"logits": "float32"})
+
+    def forward(self, model: Model, jobs: Sequence[Job], max_rows: int) -> list[dict[str, np.ndarray]]:
+        seqs = [s for job in jobs for s in job.inputs]
+        logits = token_logits(model, seqs, min(max_rows, TEXT_CHUNK))
+        bounds = np.cumsum([job.rows for job in jobs])[:-1]
+        return [{"logits": part} for part in np.split(logits, bounds)]
+
+    def encode(self, model: Model, texts: Sequence[str]) -> list[list[int]]:
+        max_tokens = model.meta.preprocessing.max_tokens
+        return [pp.encode(pp.tokenize(t), model.vocab_index, max_tokens) or [pp.UNK] for t in texts]
+
+    def warmup(self, model: Model) -> Job:
+        return self.job(model, [[pp.UNK]], 2)
+
+    def job(self, model: Model, sequences: list[list[int]], top_k: int) -> Job:
+        def finish(out: dict[str, np.ndarray]) -> list[dict]:
+            results = [_classification(model, p, top_k) for p in calibrated(model, out["logits"])]
+            ood = model.meta.ood
+            for r, seq in zip(results, sequences):
+                rate = sum(t == pp.UNK for t in seq) / len(seq)
+                r["unknown_token_rate"] = round(rate, 4)
+                if ood:
+                    r["in_distribution"] = rate <= ood.threshold
+            if ood:
+                _count_ood(model, results)
+            return results
+
+        return Job(sequences, len(sequences), finish)
+
+    async def parse(self, body: Body, model: Model, ctx: Context) -> Job:
+        payload, s = body.fields, ctx.settings
+        if ("text" in payload) == ("texts" in payload):
+            raise ApiError(400, "send exactly one of 'text' (a string) or 'texts' (a list of strings)", "missing_field")
+        many = "texts" in payload
+        texts = payload["texts"] if many else [payload["text"]]
+        if many and (not isinstance(texts, list) or not 1 <= len(texts) <= s.max_texts):
+            raise ApiError(400, f"texts must be a list of 1 to {s.max_texts} strings", "bad_field")
+        for i, text in enumerate(texts):
+            label = f"texts[{i}]" if many else "text"
+            str_field(text, label)
+            if len(text) > s.max_text_chars:
+                raise ApiError(413, f"{label} is {len(text)} characters; the limit is {s.max_text_chars}",
+                               "text_too_long", limit=s.max_text_chars)  # fmt: skip
+            if not text.strip():
+                raise ApiError(400, f"{label} is empty or only whitespace", "empty_text")
+        top_k = int_field(payload.get("top_k"), "top_k", 1, 10, default=2)
+        job = self.job(model, self.encode(model, texts), top_k)
+        job.info.update(many=many, reject_ood=bool_field(payload.get("reject_ood"), "reject_ood"))
+        return job
+
+    def answer(self, model: Model, job: Job, result: list[dict]) -> Answer:
+        if job.info["reject_ood"]:
+            _reject_ood(result, job.info["many"], "unknown_token_rate")
+        return Answer({"results": result} if job.info["many"] else result[0])
+
+    def describe(self, model: Model) -> dict:
+        return {"labels": model.meta.labels, "vocabulary_size": len(model.meta.vocabulary)}
+
+    client_method, response_schema = "classify_text", "ClassificationResult"
+
+    def properties(self, s, models):
+        text = {"type": "string", "minLength": 1, "maxLength": s.max_text_chars, "pattern": r"\S"}
+        return {"text": text, "texts": {"type": "array", "minItems": 1, "maxItems": s.max_texts, "items": text},
+                "top_k": {"type": "integer", "minimum": 1, "maximum": 10, "default": 2}, "reject_ood": REJECT_OOD}, []  # fmt: skip
+
+
+# --------------------------------------------------------------------------- generation
+
+
+@register
+class ConditionalGeneration(Task):
+    name = "conditional-image-generation"
+    route, body = "/generate", "json"
+    fields = frozenset({"n", "digit", "seed", "format"})
+    summary = "Draw digits with the conditional GAN"
+
+    def max_rows(self, s) -> int:
+        return s.max_generate
+
+    def check(self, model: Model) -> None:
+        _expect(model, "inputs", {"z": "float32", "digit": "int64"})
+        _expect(model, "outputs", {"images": "float32"})
+
+    def warmup(self, model: Model) -> Job:
+        z, digits = pp.sample_latents(1, model.meta.preprocessing.z_dim, 0, 0)
+        return self.job(z, digits)
+
+    def job(self, z: np.ndarray, digits: np.ndarray) -> Job:
+        return Job({"z": z, "digit": digits}, len(z), lambda out: np.clip(out["images"][:, 0], 0.0, 1.0))
+
+    async def parse(self, body: Body, model: Model, ctx: Context) -> Job:
+        payload = body.fields
+        n = int_field(payload.get("n"), "n", 1, ctx.settings.max_generate, default=16)
+        digit = payload.get("digit")
+        if digit is not None:
+            digit = int_field(digit, "digit", 0, len(model.meta.labels) - 1)
+        seed = payload.get("seed")
+        seed = secrets.randbelow(2**31) if seed is None else int_field(seed, "seed", 0, MAX_SEED)
+        fmt = payload.get("format", "png")
+        if fmt not in ("png", "json"):
+            raise ApiError(400, f"format must be 'png' or 'json', got {shown(fmt, 20)}", "bad_field")
+        z, digits = pp.sample_latents(n, model.meta.preprocessing.z_dim, seed, digit)
+        job = self.job(z, digits)
+        job.info.update(seed=seed, digits=digits, format=fmt)
+        return job
+
+    def answer(self, model: Model, job: Job, images: np.ndarray) -> Answer:
+        info = job.info
+        if info["format"] == "json":
+            return Answer({"images": [base64.b64encode(pp.png_bytes(im)).decode() for im in images],
+                           "seed": info["seed"], "digits": info["digits"].tolist(), "model_version": model.version})  # fmt: skip
+        cols = math.ceil(math.sqrt(len(images)))
+        headers = {"X-Seed": str(info["seed"]), "X-Digits": ",".join(map(str, info["digits"])),
+                   "X-Model-Version": model.version}  # fmt: skip
+        return Answer(pp.png_bytes(pp.grid(images, cols=cols)), "image/png", headers)
+
+    def describe(self, model: Model) -> dict:
+        return {"labels": model.meta.labels}
+
+    client_method, response = "generate", "png"
+    response_schema = "Generated"
+
+    def properties(self, s, models):
+        return {"n": {"type": "integer", "minimum": 1, "maximum": s.max_generate, "default": 16},
+                "digit": {"type": "integer", "minimum": 0, "maximum": 9, "nullable": True,
+                          "description": "the digit to draw; null or absent: a random digit per image"},
+                "seed": {"type": "integer", "minimum": 0, "maximum": MAX_SEED,
+                         "description": "the same n, digit and seed always give byte-identical images"},
+                "format": {"type": "string", "enum": ["png", "json"], "default": "png"}}, []  # fmt: skip
+
+
+# --------------------------------------------------------------------------- codec and denoiser
+
+
+class _OneImage(Task):
+    body = "multipart"
+
+    def properties(self, s, models):
+        return {"image": IMAGE_FILE}, ["image"]
+
+    async def one_image(self, body: Body, model: Model, ctx: Context) -> np.ndarray:
+        if len(body.files) != 1:
+            if not body.files:
+                raise ApiError(400, "no file field 'image' in the form", "missing_image")
+            raise ApiError(400, f"send exactly one image, got {len(body.files)}", "bad_field")
+        images = await ctx.decode_images(body.files, model.meta.preprocessing.invert)
+        return images[:, None]  # (1, 1, 28, 28)
+
+
+@register
+class Compression(_OneImage):
+    name = "image-compression-encoder"
+    route = "/compress"
+    summary = "Compress one image to a 16-byte code"
+
+    def check(self, model: Model) -> None:
+        _expect(model, "inputs", {"image": "float32"})
+        _expect(model, "outputs", {"latent": "float32"})
+        if model.meta.outputs[0].shape[-1] != model.meta.codec.latent_dim:
+            raise ValueError("latent output width differs from codec.latent_dim")
+
+    def job(self, model: Model, images: np.ndarray) -> Job:
+        bits = model.meta.codec.bits
+        return Job({"image": images}, len(images), lambda out: pp.pack_codes(pp.quantize(out["latent"], bits), bits))
+
+    def warmup(self, model: Model) -> Job:
+        return self.job(model, np.zeros((1, 1, pp.IMAGE_SIZE, pp.IMAGE_SIZE), np.float32))
+
+    async def parse(self, body: Body, model: Model, ctx: Context) -> Job:
+        return self.job(model, await self.one_image(body, model, ctx))
+
+    def answer(self, model: Model, job: Job, codes: list[bytes]) -> Answer:
+        n, size = len(codes[0]), pp.IMAGE_SIZE * pp.IMAGE_SIZE
+        return Answer({"code": base64.b64encode(codes[0]).decode(), "bytes": n, "original_bytes": size,
+                       "ratio": round(size / n, 2), "model_version": model.version})  # fmt: skip
+
+    def describe(self, model: Model) -> dict:
+        return {"codec": model.meta.codec.model_dump(), "pair": model.meta.pair}
+
+    client_method, response_schema = "compress", "Code"
+
+
+@register
+class Decompression(Task):
+    name = "image-compression-decoder"
+    route, body = "/decompress", "json"
+    fields = frozenset({"code"})
+    summary = "Decode a code from /compress to a 28×28 PNG"
+
+    def check(self, model: Model) -> None:
+        _expect(model, "inputs", {"latent": "float32"})
+        _expect(model, "outputs", {"image": "float32"})
+        if model.meta.inputs[0].shape[-1] != model.meta.codec.latent_dim:
+            raise ValueError("latent input width differs from codec.latent_dim")
+
+    def job(self, model: Model, codes: list[bytes]) -> Job:
+        c = model.meta.codec
+        latent = pp.dequantize(pp.unpack_codes(codes, c.latent_dim, c.bits), c.bits)
+        return Job({"latent": latent}, len(codes), lambda out: out["image"][:, 0])
+
+    def warmup(self, model: Model) -> Job:
+        return self.job(model, [bytes(model.meta.codec.bytes)])
+
+    async def parse(self, body: Body, model: Model, ctx: Context) -> Job:
+        code = body.fields.get("code")
+        if not isinstance(code, str):
+            raise ApiError(400, "code must be a base64 string (as returned by /compress)", "bad_field")
+        n = model.meta.codec.bytes
+        if len(code) > 4 * n:
+            raise ApiError(400, f"code is too long: a code is {n} bytes ({4 * math.ceil(n / 3)} base64 characters)", "bad_code")
+        try:
+            raw = base64.b64decode(code, validate=True)
+        except (binascii.Error, ValueError):
+            raise ApiError(400, "code is not valid base64", "bad_code") from None
+        if len(raw) != n:
+            raise ApiError(400, f"code must decode to exactly {n} bytes, got {len(raw)}", "bad_code")
+        return self.job(model, [raw])
+
+    def answer(self, model: Model, job: Job, images: np.ndarray) -> Answer:
+        return Answer(pp.png_bytes(images[0]), "image/png", {"X-Model-Version": model.version})
+
+    def describe(self, model: Model) -> dict:
+        return {"codec": model.meta.codec.model_dump(), "pair": model.meta.pair}
+
+    client_method, response = "decompress", "png"
+
+    def properties(self, s, models):
+        return {"code": {"type": "string", "format": "byte", "description": "base64 of the code from /compress"}}, ["code"]
+
+
+@register
+class Denoising(_OneImage):
+    name = "image-denoising"
+    route = "/denoise"
+    summary = "Remove noise from a digit image; returns 28×28"
+
+    def check(self, model: Model) -> None:
+        _expect(model, "inputs", {"image": "float32"})
+        _expect(model, "outputs", {"image_out": "float32"})
+
+    def job(self, images: np.ndarray) -> Job:
+        return Job({"image": images}, len(images), lambda out: out["image_out"][:, 0])
+
+    def warmup(self, model: Model) -> Job:
+        return self.job(np.zeros((1, 1, pp.IMAGE_SIZE, pp.IMAGE_SIZE), np.float32))
+
+    async def parse(self, body: Body, model: Model, ctx: Context) -> Job:
+        return self.job(await self.one_image(body, model, ctx))
+
+    def answer(self, model: Model, job: Job, images: np.ndarray) -> Answer:
+        return Answer(pp.png_bytes(images[0]), "image/png", {"X-Model-Version": model.version})
+
+    client_method, response = "denoise", "png"
+
+
+assert set(TASKS) == set(md.TASK_NAMES), "every metadata type needs a task, and every task a metadata type"
+
+
+# --------------------------------------------------------------------------- batch in, batch out
+# The serving code path, also used by training.evaluate on whole test sets.
+
+
+def run_job(model: Model, job: Job, max_rows: int = 512) -> Any:
+    """One job through its task's forward and finish, without a batcher (evaluation, smoke)."""
+    (out,) = TASKS[model.task].forward(model, [job], max_rows)
+    return job.finish(out) if job.finish else out
 
 
 def classify_images(model: Model, images: np.ndarray) -> np.ndarray:
-    """(N, 28, 28) pixels in [0, 1] -> class probabilities (N, C)."""
-    pre = model.meta["preprocessing"]
-    x = pp.normalize(images, pre["mean"], pre["std"])[:, None]  # (N, 1, 28, 28)
-    (logits,) = model.run(image=x)
-    return pp.softmax(logits)
+    """(N, 28, 28) pixels in [0, 1] -> uncalibrated class probabilities (N, C) (the judge's view)."""
+    pre = model.meta.preprocessing
+    return pp.softmax(model.run(image=pp.normalize(images, pre.mean, pre.std)[:, None])[0])
+
+
+def image_outputs(model: Model, images: np.ndarray) -> dict[str, np.ndarray]:
+    """(N, 28, 28) pixels in [0, 1] -> every raw output (logits, ood_score if exported)."""
+    pre = model.meta.preprocessing
+    out = model.run(image=pp.normalize(images, pre.mean, pre.std)[:, None])
+    return dict(zip(model.output_names, out))
 
 
 def encode_texts(model: Model, texts: Sequence[str]) -> list[list[int]]:
     """Texts -> token id lists (truncated to the model's max_tokens); [] for no tokens."""
-    index = model.vocab_index
-    max_tokens = model.meta["preprocessing"]["max_tokens"]
-    return [pp.encode(pp.tokenize(t), index, max_tokens) for t in texts]
+    max_tokens = model.meta.preprocessing.max_tokens
+    return [pp.encode(pp.tokenize(t), model.vocab_index, max_tokens) for t in texts]
+
+
+def token_logits(model: Model, sequences: Sequence[Sequence[int]], chunk: int = TEXT_CHUNK) -> np.ndarray:
+    """Non-empty id lists -> logits (N, C). Sorted by length so padding stays small; the model
+    is exact under padding, so grouping never changes a result."""
+    order = np.argsort([len(s) for s in sequences], kind="stable")
+    logits = np.empty((len(sequences), len(model.meta.labels)), dtype=np.float32)
+    for start in range(0, len(order), chunk):
+        part = order[start : start + chunk]
+        tokens, lengths = pp.pad_batch([sequences[i] for i in part])
+        logits[part] = model.run(tokens=tokens, lengths=lengths)[0]
+    return logits
 
 
 def classify_token_ids(model: Model, sequences: Sequence[Sequence[int]]) -> np.ndarray:
-    """Non-empty id lists -> probabilities (N, 2). Sorted by length so padding stays small;
-    the model is exact under padding, so grouping never changes a result."""
-    order = np.argsort([len(s) for s in sequences], kind="stable")
-    probs = np.empty((len(sequences), len(model.meta["labels"])), dtype=np.float32)
-    for start in range(0, len(order), 64):
-        chunk = order[start : start + 64]
-        tokens, lengths = pp.pad_batch([sequences[i] for i in chunk])
-        (logits,) = model.run(tokens=tokens, lengths=lengths)
-        probs[chunk] = pp.softmax(logits)
-    return probs
+    """Non-empty id lists -> uncalibrated probabilities (N, C)."""
+    return pp.softmax(token_logits(model, sequences))
 
 
 def generate(model: Model, z: np.ndarray, digits: np.ndarray) -> np.ndarray:
     """Latents (N, z_dim) and digits (N,) -> images (N, 28, 28) in [0, 1]."""
-    (images,) = model.run(z=z, digit=digits)
-    return np.clip(images[:, 0], 0.0, 1.0)  # tanh rescaled to [0, 1] can round a hair past either end
+    return run_job(model, TASKS[model.task].job(z, digits))
 
 
 def compress(encoder: Model, images: np.ndarray) -> list[bytes]:
     """(N, 28, 28) in [0, 1] -> one packed code per image."""
-    (latent,) = encoder.run(image=images[:, None])
-    return pp.pack_codes(pp.quantize(latent, encoder.meta["codec"]["bits"]), encoder.meta["codec"]["bits"])
+    return run_job(encoder, TASKS[encoder.task].job(encoder, images[:, None]))
 
 
 def decompress(decoder: Model, codes: Sequence[bytes]) -> np.ndarray:
     """Packed codes (each exactly codec.bytes long) -> images (N, 28, 28) in [0, 1]."""
-    codec = decoder.meta["codec"]
-    levels = pp.unpack_codes(codes, codec["latent_dim"], codec["bits"])
-    (images,) = decoder.run(latent=pp.dequantize(levels, codec["bits"]))
-    return images[:, 0]
+    return run_job(decoder, TASKS[decoder.task].job(decoder, list(codes)))
 
 
 def denoise(model: Model, images: np.ndarray) -> np.ndarray:
     """(N, 28, 28) noisy in [0, 1] -> (N, 28, 28) cleaned."""
-    (out,) = model.run(image=images[:, None])
-    return out[:, 0]
+    return run_job(model, TASKS[model.task].job(images[:, None]))
 
 
 def run_in_chunks(fn, items, size: int = 512):
     """Apply a batch function to a large array/list in chunks (evaluation, not serving)."""
     parts = [fn(items[i : i + size]) for i in range(0, len(items), size)]
     return np.concatenate(parts) if isinstance(parts[0], np.ndarray) else sum(parts, [])
-

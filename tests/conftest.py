@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +15,28 @@ FIXTURES = REPO / "tests" / "fixtures"
 EXPORTED = REPO / "exported"
 
 
+def manifest() -> dict:
+    return json.loads((EXPORTED / "manifest.json").read_text())
+
+
+def active_meta(name: str) -> dict:
+    """The metadata of a model's active version, read through the manifest."""
+    m = manifest()
+    family = m["models"][name]["family"]
+    version = m["families"][family]["active"]
+    return json.loads((EXPORTED / m["models"][name]["versions"][version]["metadata"]).read_text())
+
+
+def active_file(name: str) -> Path:
+    m = manifest()
+    family = m["models"][name]["family"]
+    return EXPORTED / m["models"][name]["versions"][m["families"][family]["active"]]["file"]
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         folder = Path(item.fspath).parent.name
-        if folder in ("unit", "export", "service", "deploy"):
+        if folder in ("unit", "export", "contract", "service", "deploy", "browser"):
             item.add_marker(getattr(pytest.mark, folder))
 
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from service import preprocessing as pp
 from training import common, data
-from training.export import ExportSpec, export_model
+from training.export import ExportSpec
 
 
 @dataclass
@@ -72,7 +72,7 @@ def augment(x: torch.Tensor, cfg: Config, gen: torch.Generator) -> torch.Tensor:
     return x
 
 
-def train(cfg: Config, family: str) -> dict:
+def train(cfg: Config, family: str) -> common.Trained:
     """Train on train minus a validation split, keep the best epoch, export, evaluate on test."""
     common.set_seed(cfg.seed)
     data_dir = data.resolve_data_dir(cfg.data_dir)
@@ -110,7 +110,6 @@ def train(cfg: Config, family: str) -> dict:
     model.load_state_dict(best[1])
     model.eval()
 
-    out_dir, img_dir = common.out_dirs(cfg)
     common.save_checkpoint(common.RUNS / family / "model.pt", model, cfg)
     labels_out = data.DIGIT_LABELS if cfg.dataset == "mnist" else data.FASHION_LABELS
     test_images, _ = data.load_images(cfg.dataset, "test", data_dir, cfg.download)
@@ -127,9 +126,7 @@ def train(cfg: Config, family: str) -> dict:
                      "date": common.today(), "config": vars(cfg) | {"data_dir": ""},
                      "dataset": {"name": "MNIST" if cfg.dataset == "mnist" else "Fashion-MNIST",
                                  "files": data.dataset_checksums(data.IMAGE_DATASETS[cfg.dataset])}}  # fmt: skip
-    export_model(model, spec, out_dir, training_meta)
-    common.plot_curves(progress.history, img_dir / f"{family}_curves.png", f"{family}: training")
-    return training_meta
+    return common.Trained([(model, spec)], training_meta, progress.history)
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:

@@ -16,7 +16,7 @@ from torch import nn
 
 from service import preprocessing as pp
 from training import common, data
-from training.export import ExportSpec, export_model
+from training.export import ExportSpec
 
 
 @dataclass
@@ -77,7 +77,7 @@ def quantize_train(latent: torch.Tensor, bits: int, hard: bool) -> torch.Tensor:
     return (latent + (torch.rand_like(latent) - 0.5) / levels).clamp(0, 1)
 
 
-def train(cfg: Config, family: str) -> dict:
+def train(cfg: Config, family: str) -> common.Trained:
     """Train on MNIST train minus validation; keep the best validation PSNR; export both halves."""
     common.set_seed(cfg.seed)
     data_dir = data.resolve_data_dir(cfg.data_dir)
@@ -112,7 +112,6 @@ def train(cfg: Config, family: str) -> dict:
     enc.load_state_dict(best[1][0]), dec.load_state_dict(best[1][1])
     enc.eval(), dec.eval()
 
-    out_dir, img_dir = common.out_dirs(cfg)
     common.save_checkpoint(common.RUNS / family / "encoder.pt", enc, cfg)
     common.save_checkpoint(common.RUNS / family / "decoder.pt", dec, cfg)
     test_images, _ = data.load_images("mnist", "test", data_dir, cfg.download)
@@ -127,17 +126,16 @@ def train(cfg: Config, family: str) -> dict:
                      "date": common.today(), "config": vars(cfg) | {"data_dir": ""},
                      "dataset": {"name": "MNIST", "files": data.dataset_checksums("mnist")}}  # fmt: skip
     image_pre = {"kind": "image", "size": pp.IMAGE_SIZE, "scale": "pixels/255", "invert": "none"}
-    export_model(enc, ExportSpec(
+    enc_spec = ExportSpec(
         name="encoder", task="image-compression-encoder", inputs={"image": x_test},
         outputs=["latent"], dynamic_axes={}, preprocessing=image_pre,
-        extra={"codec": codec, "pair": "decoder"}), out_dir, training_meta)  # fmt: skip
-    export_model(dec, ExportSpec(
+        extra={"codec": codec, "pair": "decoder"})  # fmt: skip
+    dec_spec = ExportSpec(
         name="decoder", task="image-compression-decoder",
         inputs={"latent": pp.dequantize(pp.quantize(latent, cfg.bits), cfg.bits)},
         outputs=["image"], dynamic_axes={}, preprocessing={"kind": "latent-code"},
-        extra={"codec": codec, "pair": "encoder"}), out_dir, training_meta)  # fmt: skip
-    common.plot_curves(progress.history, img_dir / "codec_curves.png", "codec: training")
-    return training_meta
+        extra={"codec": codec, "pair": "encoder"})  # fmt: skip
+    return common.Trained([(enc, enc_spec), (dec, dec_spec)], training_meta, progress.history)
 
 
 def validate(enc: nn.Module, dec: nn.Module, x: torch.Tensor, bits: int) -> float:

@@ -6,7 +6,7 @@ import json
 import os
 import random
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -78,9 +78,19 @@ def out_dirs(cfg) -> tuple[Path, Path]:
 
 def training_command(family: str, cfg) -> str:
     """The command line that reproduces this run (non-default flags only)."""
-    from training.cli import command_for
+    from training.families import command_for
 
     return command_for(family, cfg)
+
+
+@dataclass
+class Trained:
+    """What a family's `train` hands back: the modules to export with their specs, the
+    training metadata, and the per-epoch history (for the curves)."""
+
+    parts: list  # [(torch.nn.Module, training.export.ExportSpec)]
+    training: dict
+    history: list[dict]
 
 
 def plot_curves(history: list[dict], path: Path, title: str) -> None:

@@ -11,7 +11,7 @@ from torch import nn
 
 from service import preprocessing as pp
 from training import common, data
-from training.export import ExportSpec, export_model
+from training.export import ExportSpec
 
 
 @dataclass
@@ -62,7 +62,7 @@ def noisy_batch(x: np.ndarray, cfg: Config, rng: np.random.Generator) -> np.ndar
     return np.clip(x + noise, 0, 1).astype(np.float32)
 
 
-def train(cfg: Config, family: str) -> dict:
+def train(cfg: Config, family: str) -> common.Trained:
     """Train on MNIST train minus validation; keep the best validation PSNR at σ=0.3; export."""
     common.set_seed(cfg.seed)
     data_dir = data.resolve_data_dir(cfg.data_dir)
@@ -99,7 +99,6 @@ def train(cfg: Config, family: str) -> dict:
     model.load_state_dict(best[1])
     model.eval()
 
-    out_dir, img_dir = common.out_dirs(cfg)
     common.save_checkpoint(common.RUNS / family / "model.pt", model, cfg)
     test_images, _ = data.load_images("mnist", "test", data_dir, cfg.download)
     x_test = pp.add_gaussian_noise(pp.scale_pixels(test_images[:64])[:, None], 0.4, np.random.default_rng(0))
@@ -109,11 +108,10 @@ def train(cfg: Config, family: str) -> dict:
                      "config": vars(cfg) | {"data_dir": ""},
                      "dataset": {"name": "MNIST + synthetic Gaussian noise",
                                  "files": data.dataset_checksums("mnist")}}  # fmt: skip
-    export_model(model, ExportSpec(
+    spec = ExportSpec(
         name=family, task="image-denoising", inputs={"image": x_test}, outputs=["image_out"],
         dynamic_axes={}, extra={"noise": {"kind": "gaussian", "sigma_range": [cfg.sigma_min, cfg.sigma_max],
                                           "clipped": [0, 1]}},
         preprocessing={"kind": "image", "size": pp.IMAGE_SIZE, "scale": "pixels/255", "invert": "none"},
-    ), out_dir, training_meta)  # fmt: skip
-    common.plot_curves(progress.history, img_dir / f"{family}_curves.png", f"{family}: training")
-    return training_meta
+    )  # fmt: skip
+    return common.Trained([(model, spec)], training_meta, progress.history)

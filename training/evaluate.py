@@ -1,10 +1,14 @@
 """`make evaluate`: recompute every model's metrics from the exported ONNX files.
 
-Runs each model through service.tasks (the serving code path) on the official test sets,
-compares the codec and denoiser with classic baselines, rewrites the `metrics` block of
-each exported/<name>.json, saves the pictures to docs/img/ and regenerates docs/models.md.
+Runs each family's models through service.tasks (the serving code path) on the official
+test sets, compares the codec and denoiser with classic baselines, checks the quality bars
+(training.families), and writes into each evaluated version's metadata its `metrics`,
+`meets_bars` and a smoke set (golden inputs and outputs the server checks before it serves
+the version); then saves the pictures to docs/img/ and regenerates docs/models.md.
 
     python -m training.evaluate [--data-dir DIR] [--only digits codec ...] [--limit N]
+    python -m training.evaluate --only digits --version 2026-11-23-0a1b2c3d   # a published candidate
+    python -m training.evaluate --smoke-only                                  # smoke sets, no metrics
 """
 
 from __future__ import annotations
@@ -21,19 +25,10 @@ from PIL import Image
 
 from service import preprocessing as pp
 from service import tasks
-from service.runtime import load_model
+from service.core import load_family
+from service.metadata import read_manifest
 from training import common, data
-
-# metric -> (comparison, bar, stretch); the issue's quality table, checked on every run
-BARS: dict[str, dict[str, tuple[str, float, float]]] = {
-    "digits": {"test_accuracy": (">=", 0.993, 0.995)},
-    "fashion": {"test_accuracy": (">=", 0.920, 0.935)},
-    "sentiment": {"dev_accuracy": (">=", 0.830, 0.850)},
-    "generator": {"requested_digit_accuracy": (">=", 0.95, 0.97), "inception_score": (">=", 9.0, 9.4)},
-    "encoder": {"bytes_per_image": ("<=", 16, 16), "psnr_db": (">=", 21.0, 23.5)},
-    "denoiser": {"psnr_db_sigma_0.3": (">=", 22.5, 24.0), "psnr_db_sigma_0.5": (">=", 18.5, 20.5)},
-}
-BARS["decoder"] = BARS["encoder"]
+from training.families import FAMILIES, check_bars
 
 
 def _plt():
@@ -61,10 +56,10 @@ def eval_classifier(name: str, ctx: dict) -> dict:
     pred = probs.argmax(1)
     confusion = np.zeros((10, 10), dtype=np.int64)
     np.add.at(confusion, (labels, pred), 1)
-    plot_confusion(confusion, model.meta["labels"], ctx["img_dir"] / f"{name}_confusion.png", name)
+    plot_confusion(confusion, model.meta.labels, ctx["img_dir"] / f"{name}_confusion.png", name)
     return {"test_accuracy": float((pred == labels).mean()), "test_examples": int(len(labels)),
             "per_class_accuracy": {lab: round(float(confusion[i, i] / max(1, confusion[i].sum())), 4)
-                                   for i, lab in enumerate(model.meta["labels"])}}  # fmt: skip
+                                   for i, lab in enumerate(model.meta.labels)}}  # fmt: skip
 
 
 def plot_confusion(confusion: np.ndarray, labels: list[str], path: Path, title: str) -> None:
@@ -90,7 +85,7 @@ def eval_sentiment(name: str, ctx: dict) -> dict:
     seqs = tasks.encode_texts(model, sentences)
     pred = tasks.classify_token_ids(model, [s or [pp.UNK] for s in seqs]).argmax(1)
     return {"dev_accuracy": float((pred == labels).mean()), "dev_examples": int(len(labels)),
-            "vocabulary_size": len(model.meta["vocabulary"]),
+            "vocabulary_size": len(model.meta.vocabulary),
             "unknown_token_rate": float(np.mean([t == pp.UNK for s in seqs for t in s]))}  # fmt: skip
 
 
@@ -102,9 +97,9 @@ def inception_score(probs: np.ndarray) -> float:
 
 
 def eval_generator(name: str, ctx: dict) -> dict:
-    model, judge = ctx["load"](name), ctx["load"]("digits")
+    model, judge = ctx["load"](name), ctx["judge"]()
     per_digit = max(10, (ctx["limit"] or 10000) // 10)
-    z, _ = pp.sample_latents(10 * per_digit, model.meta["preprocessing"]["z_dim"], seed=2026)
+    z, _ = pp.sample_latents(10 * per_digit, model.meta.preprocessing.z_dim, seed=2026)
     digits = np.repeat(np.arange(10, dtype=np.int64), per_digit)
     images = tasks.run_in_chunks(lambda i: tasks.generate(model, z[i], digits[i]), np.arange(len(z)))
     probs = tasks.run_in_chunks(lambda x: tasks.classify_images(judge, x), images)
@@ -220,54 +215,100 @@ def plot_denoise_bars(table: dict, path: Path) -> None:
 
 EVALUATORS = {"digits": eval_classifier, "fashion": eval_classifier, "sentiment": eval_sentiment,
               "generator": eval_generator, "codec": eval_codec, "denoiser": eval_denoiser}  # fmt: skip
-WRITES = {"codec": ["encoder", "decoder"]}
+assert set(EVALUATORS) == set(FAMILIES), "every family needs an evaluator"
+SMOKE_ROWS = 8
 
 
-def check_bars(name: str, metrics: dict) -> list[str]:
-    """Lines like `digits test_accuracy 0.9951 >= 0.993 ok (stretch 0.995 met)`."""
-    lines = []
-    for key, (op, bar, stretch) in BARS.get(name, {}).items():
-        v = metrics[key]
-        ok = v >= bar if op == ">=" else v <= bar
-        st = v >= stretch if op == ">=" else v <= stretch
-        lines.append(f"{name} {key} {v:.4f} {op} {bar} {'ok' if ok else 'BELOW BAR'}"
-                     f" (stretch {stretch} {'met' if st else 'not met'})")  # fmt: skip
-    return lines
+def smoke_feeds(model, ctx: dict) -> dict[str, np.ndarray]:
+    """Real inputs for a model's smoke set, in its ONNX input space."""
+    task = model.task
+    if task in ("image-classification", "image-compression-encoder", "image-denoising"):
+        dataset = "fashion" if model.name == "fashion" else "mnist"
+        x = pp.scale_pixels(data.load_images(dataset, "test", ctx["data_dir"])[0][:SMOKE_ROWS])
+        if task == "image-classification":
+            pre = model.meta.preprocessing
+            return {"image": pp.normalize(x, pre.mean, pre.std)[:, None]}
+        if task == "image-denoising":
+            x = pp.add_gaussian_noise(x, 0.3, np.random.default_rng(0))
+        return {"image": x[:, None]}
+    if task == "text-classification":
+        sentences, _ = data.load_sst2("dev", ctx["data_dir"])
+        tokens, lengths = pp.pad_batch([s or [pp.UNK] for s in tasks.encode_texts(model, sentences[:SMOKE_ROWS])])
+        return {"tokens": tokens, "lengths": lengths}
+    if task == "conditional-image-generation":
+        z, digits = pp.sample_latents(SMOKE_ROWS, model.meta.preprocessing.z_dim, seed=0)
+        return {"z": z, "digit": digits}
+    if task == "image-compression-decoder":
+        c = model.meta.codec
+        levels = np.random.default_rng(0).integers(0, 1 << c.bits, (SMOKE_ROWS, c.latent_dim), dtype=np.uint8)
+        return {"latent": pp.dequantize(levels, c.bits)}
+    raise ValueError(f"no smoke inputs for task {task}")
+
+
+def write_smoke(model, directory: Path, ctx: dict) -> dict:
+    """<model>.smoke.npz beside the model: inputs and the outputs this file gives for them."""
+    feeds = smoke_feeds(model, ctx)
+    outputs = model.run(**feeds)
+    arrays = {f"in:{k}": v for k, v in feeds.items()} | {f"out:{o.name}": v for o, v in zip(model.meta.outputs, outputs)}
+    path = directory / f"{model.name}.smoke.npz"
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+    from service.runtime import sha256_file
+
+    return {"file": path.name, "sha256": sha256_file(path), "atol": 1e-3}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--data-dir", default="", help="dataset directory (see training.data)")
-    parser.add_argument("--exported", default=str(common.EXPORTED), help="models to evaluate")
-    parser.add_argument("--only", nargs="*", choices=list(EVALUATORS), default=list(EVALUATORS))
+    parser.add_argument("--exported", default=str(common.EXPORTED), help="the model directory")
+    parser.add_argument("--only", nargs="*", choices=list(FAMILIES), default=list(FAMILIES))
+    parser.add_argument("--version", default=None, help="evaluate this version of the (single) family, not the active one")
     parser.add_argument("--limit", type=int, default=None, help="first N test items (smoke runs; "
                         "metrics are then not written back)")  # fmt: skip
+    parser.add_argument("--smoke-only", action="store_true", help="write the smoke sets only")
     args = parser.parse_args(argv)
+    if args.version and len(args.only) != 1:
+        parser.error("--version needs exactly one family in --only")
     exported = Path(args.exported)
-    ctx = {"data_dir": data.resolve_data_dir(args.data_dir), "limit": args.limit,
-           "img_dir": common.IMG_DIR if args.limit is None else common.RUNS / "eval-smoke",
-           "load": lambda n: load_model(exported, n)}  # fmt: skip
+    manifest = read_manifest(exported)
+    versions = {f: args.version or manifest.families[f].active for f in args.only}
+    loaded = {f: load_family(exported, manifest, f, versions[f], "cpu", 2) for f in args.only}
+    judge = lambda: load_family(exported, manifest, "digits", manifest.families["digits"].active, "cpu", 2).models["digits"]  # noqa: E731
+    write = args.limit is None
+    ctx = {"data_dir": data.resolve_data_dir(args.data_dir), "limit": args.limit, "judge": judge,
+           "img_dir": common.IMG_DIR if write and not args.version else common.RUNS / "eval-smoke"}  # fmt: skip
     ctx["img_dir"].mkdir(parents=True, exist_ok=True)
     failed = False
-    for family in args.only:
-        start = time.perf_counter()
-        metrics = EVALUATORS[family](family, ctx)
-        metrics["evaluated"] = f"{common.today()} from the ONNX file, {time.perf_counter() - start:.0f} s"
-        for name in WRITES.get(family, [family]):
-            lines = check_bars(name, metrics)
-            print("\n".join(lines), flush=True)
-            failed |= any("BELOW BAR" in line for line in lines)
-            if args.limit is None:
-                meta_path = exported / f"{name}.json"
-                meta = json.loads(meta_path.read_text())
-                meta["metrics"] = metrics
-                common.write_json(meta_path, meta)
-    if args.limit is None:
+    for name in args.only:
+        family, fam = FAMILIES[name], loaded[name]
+        ctx["load"] = lambda n, fam=fam: fam.models[n]
+        directory = exported / name / fam.version
+        metrics, ok = None, True
+        if not args.smoke_only:
+            start = time.perf_counter()
+            metrics = EVALUATORS[name](name, ctx)
+            metrics["evaluated"] = f"{common.today()} from the ONNX file, {time.perf_counter() - start:.0f} s"
+            lines = check_bars(family, metrics)
+            print("\n".join(line for line, _, _ in lines), flush=True)
+            ok = all(bar for _, bar, _ in lines)
+            failed |= not ok
+        if not write:
+            continue
+        for model_name in family.models:
+            meta_path = directory / f"{model_name}.json"
+            meta = json.loads(meta_path.read_text())
+            if metrics is not None:
+                meta["metrics"], meta["meets_bars"] = metrics, ok
+            meta["smoke"] = write_smoke(fam.models[model_name], directory, ctx)
+            common.write_json(meta_path, meta)
+        print(f"{name} {fam.version}: {'meets its bars' if ok else 'BELOW ITS BARS'}; smoke set written", flush=True)
+    if write and not args.version and not args.smoke_only:
         from training.model_card import write_model_card
 
         write_model_card(exported)
-    return 1 if failed and args.limit is None else 0
+    return 1 if failed and write else 0
 
 
 if __name__ == "__main__":

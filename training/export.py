@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +22,7 @@ PARITY_TOLERANCE = 1e-4
 
 @dataclass
 class ExportSpec:
-    name: str  # registry name, also the file stem: exported/<name>.onnx
+    name: str  # the model's name, also the file stem: <family>/<version>/<name>.onnx
     task: str
     inputs: dict[str, np.ndarray]  # real example inputs, leading axis batch (>= 32 rows)
     outputs: list[str]
@@ -49,14 +50,12 @@ def _spec_of(arrays: dict[str, np.ndarray], dynamic: dict[str, dict[int, str]]) 
     return specs
 
 
-def export_model(module: torch.nn.Module, spec: ExportSpec, out_dir: Path, training: dict) -> dict:
-    """Export, check and parity-test one model; write <name>.onnx and <name>.json; return metadata."""
+def export_onnx(module: torch.nn.Module, spec: ExportSpec, path: Path) -> dict:
+    """Export, check and parity-test one model to `path`; return its signature and parity."""
     import onnx
     import onnxruntime as ort
 
     module = module.eval()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{spec.name}.onnx"
     names = list(spec.inputs) + spec.outputs
     dynamic = {n: {0: "batch", **spec.dynamic_axes.get(n, {})} for n in names}
     example = tuple(torch.from_numpy(v[:2]) for v in spec.inputs.values())
@@ -66,8 +65,7 @@ def export_model(module: torch.nn.Module, spec: ExportSpec, out_dir: Path, train
         module, example, str(path), input_names=list(spec.inputs), output_names=spec.outputs,
         dynamic_axes=dynamic, opset_version=OPSET, do_constant_folding=True, dynamo=False,
     )  # fmt: skip
-    model = onnx.load(str(path))
-    onnx.checker.check_model(model, full_check=True)
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     parity = {}
@@ -79,30 +77,64 @@ def export_model(module: torch.nn.Module, spec: ExportSpec, out_dir: Path, train
         parity[f"batch_{batch}"] = diff
         if diff > PARITY_TOLERANCE:
             raise AssertionError(f"{spec.name}: ORT/torch max abs diff {diff:.2e} at batch {batch}")
-    print(f"exported {path.name}: parity max abs diff {parity}", flush=True)
-
+    print(f"exported {spec.name}: parity max abs diff {parity}", flush=True)
     outputs = dict(zip(spec.outputs, _torch_outputs(module, {k: v[:2] for k, v in spec.inputs.items()})))
-    digest = sha256_bytes(path.read_bytes())
-    meta = {
-        "name": spec.name,
-        "task": spec.task,
-        "file": path.name,
-        "sha256": digest,
-        "version": f"{training['date']}-{digest[:8]}",
-        "inputs": _spec_of(spec.inputs, dynamic),
-        "outputs": _spec_of(outputs, dynamic),
-        "preprocessing": spec.preprocessing,
-        **spec.extra,
-        "training": training,
-        "metrics": {},
-        "parity": {"max_abs_diff": parity, "tolerance": PARITY_TOLERANCE,
-                   "exporter": "torch.onnx.export(dynamo=False)", "opset": OPSET},
-        "versions": versions(),
-        "size_bytes": path.stat().st_size,
-    }  # fmt: skip
-    write_json(out_dir / f"{spec.name}.json", meta)
-    write_manifest(out_dir)
-    return meta
+    return {"inputs": _spec_of(spec.inputs, dynamic), "outputs": _spec_of(outputs, dynamic),
+            "parity": {"max_abs_diff": parity, "tolerance": PARITY_TOLERANCE,
+                       "exporter": "torch.onnx.export(dynamo=False)", "opset": OPSET}}  # fmt: skip
+
+
+def family_version(date: str, digests: list[str]) -> str:
+    """`<date>-<8 hex>`: one model's sha256 prefix, or a hash over a family's digests."""
+    tag = digests[0] if len(digests) == 1 else sha256_bytes("".join(digests).encode())
+    return f"{date}-{tag[:8]}"
+
+
+def export_family(family: str, parts: list[tuple[torch.nn.Module, ExportSpec]], out_dir: Path, training: dict,
+                  activate: bool = False) -> str:
+    """Export every model of a family as one new version: `<out>/<family>/<version>/<model>.onnx`
+    + `.json` (typed metadata, service.metadata), registered in `<out>/manifest.json`. The
+    version is active if asked (or if the family had none). Returns the version."""
+    from service.metadata import read_metadata
+
+    staging = out_dir / family / ".staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    signatures = {spec.name: export_onnx(module, spec, staging / f"{spec.name}.onnx") for module, spec in parts}
+    digests = [sha256_bytes((staging / f"{spec.name}.onnx").read_bytes()) for _, spec in parts]
+    version = family_version(training["date"], digests)
+    final = out_dir / family / version
+    shutil.rmtree(final, ignore_errors=True)
+    staging.rename(final)
+    for (_, spec), digest in zip(parts, digests):
+        meta = {"name": spec.name, "task": spec.task, "family": family, "version": version,
+                "file": f"{spec.name}.onnx", "sha256": digest, **signatures[spec.name],
+                "preprocessing": spec.preprocessing, **spec.extra, "training": training, "metrics": {},
+                "versions": versions(), "size_bytes": (final / f"{spec.name}.onnx").stat().st_size}  # fmt: skip
+        write_json(final / f"{spec.name}.json", meta)
+        read_metadata(final / f"{spec.name}.json", spec.name)  # the export writes what the service reads
+    register_version(out_dir, family, version, [spec for _, spec in parts], digests, activate)
+    print(f"{family}: version {version} in {final}{' (active)' if activate else ''}", flush=True)
+    return version
+
+
+def register_version(out_dir: Path, family: str, version: str, specs: list[ExportSpec], digests: list[str],
+                     activate: bool) -> None:
+    """Add a family version to the manifest (created if missing); activate it if asked."""
+    from service.metadata import MANIFEST, write_json_atomic
+
+    path = out_dir / MANIFEST
+    manifest = json.loads(path.read_text()) if path.is_file() else {"format": 2, "defaults": {}, "families": {}, "models": {}}
+    fam = manifest["families"].get(family)
+    if fam is None:
+        fam = manifest["families"][family] = {"active": version, "previous": None, "models": [s.name for s in specs]}
+    elif activate and fam["active"] != version:
+        fam["previous"], fam["active"] = fam["active"], version
+    for spec, digest in zip(specs, digests):
+        entry = manifest["models"].setdefault(spec.name, {"task": spec.task, "family": family, "versions": {}})
+        entry["versions"][version] = {"file": f"{family}/{version}/{spec.name}.onnx",
+                                      "metadata": f"{family}/{version}/{spec.name}.json", "sha256": digest}  # fmt: skip
+    write_json_atomic(path, manifest)
 
 
 def versions() -> dict[str, str]:
@@ -111,16 +143,3 @@ def versions() -> dict[str, str]:
 
     return {"python": platform.python_version(), "torch": torch.__version__,
             "onnx": onnx.__version__, "onnxruntime": ort.__version__, "numpy": np.__version__}  # fmt: skip
-
-
-def write_manifest(out_dir: Path) -> None:
-    """exported/manifest.json: every model's name, task, files, version and sha256."""
-    models = {}
-    for meta_path in sorted(out_dir.glob("*.json")):
-        if meta_path.name == "manifest.json":
-            continue
-        meta = json.loads(meta_path.read_text())
-        models[meta["name"]] = {"task": meta["task"], "file": meta["file"],
-                                "metadata": meta_path.name, "version": meta["version"],
-                                "sha256": meta["sha256"]}  # fmt: skip
-    write_json(out_dir / "manifest.json", {"models": models})

@@ -15,7 +15,7 @@ from torch import nn
 
 from service import preprocessing as pp
 from training import common, data
-from training.export import ExportSpec, export_model
+from training.export import ExportSpec
 
 
 @dataclass
@@ -75,7 +75,7 @@ class Discriminator(nn.Module):
         return score, self.classify(f)
 
 
-def train(cfg: Config, family: str) -> dict:
+def train(cfg: Config, family: str) -> common.Trained:
     """Adversarial training on all 60k MNIST train images (no labels are held out: the
     generator is judged by the `digits` classifier on fresh samples, not on a data split)."""
     common.set_seed(cfg.seed)
@@ -119,7 +119,6 @@ def train(cfg: Config, family: str) -> dict:
         progress.epoch(epoch, loss_d=loss_d, loss_g=loss_g, fake_aux_acc=aux_acc)
     G.eval()
 
-    out_dir, img_dir = common.out_dirs(cfg)
     common.save_checkpoint(common.RUNS / family / "model.pt", G, cfg)
     z, digits = pp.sample_latents(64, cfg.z_dim, seed=0)
     spec = ExportSpec(
@@ -133,6 +132,4 @@ def train(cfg: Config, family: str) -> dict:
                      "epochs": epochs, "seconds": round(progress.seconds, 1),
                      "date": common.today(), "config": vars(cfg) | {"data_dir": ""},
                      "dataset": {"name": "MNIST (train)", "files": data.dataset_checksums("mnist")}}  # fmt: skip
-    export_model(G, spec, out_dir, training_meta)
-    common.plot_curves(progress.history, img_dir / f"{family}_curves.png", f"{family}: training")
-    return training_meta
+    return common.Trained([(G, spec)], training_meta, progress.history)

@@ -11,7 +11,7 @@ from torch import nn
 
 from service import preprocessing as pp
 from training import common, data
-from training.export import ExportSpec, export_model
+from training.export import ExportSpec
 
 LABELS = ["negative", "positive"]
 
@@ -109,7 +109,7 @@ def evaluate(model: nn.Module, seqs: list[list[int]], labels: np.ndarray) -> flo
     return correct / len(seqs)
 
 
-def train(cfg: Config, family: str) -> dict:
+def train(cfg: Config, family: str) -> common.Trained:
     """Train on SST-2 train minus a validation split; keep the best epoch; export; evaluate on dev."""
     common.set_seed(cfg.seed)
     data_dir = data.resolve_data_dir(cfg.data_dir)
@@ -153,7 +153,6 @@ def train(cfg: Config, family: str) -> dict:
     model.load_state_dict(best[1])
     model.eval()
 
-    out_dir, img_dir = common.out_dirs(cfg)
     common.save_checkpoint(common.RUNS / family / "model.pt", model, cfg)
     tokens, lengths = pp.pad_batch(encode_all(dev_sentences[:64], index))
     spec = ExportSpec(
@@ -170,6 +169,4 @@ def train(cfg: Config, family: str) -> dict:
                      "date": common.today(), "config": vars(cfg) | {"data_dir": ""},
                      "dataset": {"name": "GLUE SST-2 (train; dev is the reported test set)",
                                  "files": data.dataset_checksums("sst2")}}  # fmt: skip
-    export_model(model, spec, out_dir, training_meta)
-    common.plot_curves(progress.history, img_dir / f"{family}_curves.png", f"{family}: training")
-    return training_meta
+    return common.Trained([(model, spec)], training_meta, progress.history)

@@ -7,10 +7,13 @@ import sys
 
 import pytest
 
+from service.core import load_family
+from service.metadata import read_manifest
+
 from tests.conftest import REPO
 
-FAMILIES = {"digits": ["digits"], "fashion": ["fashion"], "sentiment": ["sentiment"],
-            "generator": ["generator"], "codec": ["encoder", "decoder"], "denoiser": ["denoiser"]}  # fmt: skip
+from training.families import FAMILIES
+
 DATA = os.environ.get("DEEPSERVE_DATA_DIR", str(REPO.parent / "shared" / "datasets"))
 
 
@@ -25,16 +28,19 @@ def test_dry_run_trains_exports_and_passes_parity(family, tmp_path):
     out = run_training(family, "--dry-run", "--out", str(tmp_path), "--data-dir", DATA)
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"{family} epoch 1/1" in out.stdout
-    for name in FAMILIES[family]:
-        meta = json.loads((tmp_path / f"{name}.json").read_text())
+    version = out.stdout.split(f"VERSION {family} ")[1].split()[0]
+    manifest = read_manifest(tmp_path)  # typed: the export writes what the service reads
+    assert manifest.families[family].active == version
+    loaded = load_family(tmp_path, manifest, family, version, "cpu", 1)  # sha, signature, task
+    assert set(loaded.models) == set(FAMILIES[family].models)
+    for name in FAMILIES[family].models:
+        meta = json.loads((tmp_path / family / version / f"{name}.json").read_text())
         parity = meta["parity"]["max_abs_diff"]
         assert set(parity) == {"batch_1", "batch_64"}
         assert max(parity.values()) <= 1e-4
         assert meta["parity"]["exporter"] == "torch.onnx.export(dynamo=False)"
-        assert (tmp_path / f"{name}.onnx").stat().st_size == meta["size_bytes"]
-        assert not (tmp_path / f"{name}.onnx.data").exists()  # single-file ONNX
-    manifest = json.loads((tmp_path / "manifest.json").read_text())["models"]
-    assert set(FAMILIES[family]) <= set(manifest)
+        assert (tmp_path / family / version / f"{name}.onnx").stat().st_size == meta["size_bytes"]
+        assert not (tmp_path / family / version / f"{name}.onnx.data").exists()  # single-file ONNX
 
 
 def test_missing_data_fails_with_a_message_naming_the_file(tmp_path):

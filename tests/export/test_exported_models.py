@@ -10,22 +10,31 @@ import pytest
 
 from service import preprocessing as pp
 from service import tasks
-from service.runtime import load_model, sha256_file
+from service.core import load_all
+from service.metadata import read_manifest
+from service.runtime import sha256_file
 from tests.conftest import EXPORTED
+from training.families import FAMILIES
 
-MANIFEST = json.loads((EXPORTED / "manifest.json").read_text())["models"]
-EXPECTED = {"digits", "fashion", "sentiment", "generator", "encoder", "decoder", "denoiser"}
+MANIFEST = read_manifest(EXPORTED)
+EXPECTED = {m for f in FAMILIES.values() for m in f.models}
 
 
-def test_manifest_lists_all_seven_models():
-    assert set(MANIFEST) == EXPECTED
+def test_the_manifest_serves_every_family_of_the_registry():
+    assert set(MANIFEST.families) == set(FAMILIES)
+    for name, family in FAMILIES.items():
+        assert MANIFEST.families[name].models == list(family.models)
+    assert set(MANIFEST.models) == EXPECTED
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_file_metadata_and_signature_agree(name):
-    meta = json.loads((EXPORTED / f"{name}.json").read_text())
-    path = EXPORTED / meta["file"]
-    assert sha256_file(path) == meta["sha256"] == MANIFEST[name]["sha256"]
+    entry = MANIFEST.models[name]
+    files = entry.versions[MANIFEST.families[entry.family].active]
+    meta = json.loads((EXPORTED / files.metadata).read_text())
+    path = EXPORTED / files.file
+    assert sha256_file(path) == meta["sha256"] == files.sha256
+    assert meta["family"] == entry.family and meta["task"] == entry.task and meta.get("meets_bars", True) is True and meta["smoke"]
     assert path.stat().st_size < 10 * 1024 * 1024  # well under the 25 MB limit
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = [(i.name, i.type) for i in session.get_inputs()]
@@ -41,7 +50,8 @@ def test_file_metadata_and_signature_agree(name):
 
 @pytest.fixture(scope="module")
 def models():
-    return {name: load_model(EXPORTED, name) for name in EXPECTED}
+    _, loaded = load_all(EXPORTED)  # every model verified: sha256, signature, task, smoke set
+    return {n: m for fam in loaded.values() for n, m in fam.models.items()}
 
 
 @pytest.mark.parametrize("name, bar", [("digits", 0.993), ("fashion", 0.92)])
@@ -68,7 +78,7 @@ def test_sentiment_is_exact_under_padding(models):
 
 
 def test_generator_draws_the_requested_digits(models):
-    z, digits = pp.sample_latents(200, models["generator"].meta["preprocessing"]["z_dim"], seed=11)
+    z, digits = pp.sample_latents(200, models["generator"].meta.preprocessing.z_dim, seed=11)
     images = tasks.generate(models["generator"], z, digits)
     assert images.shape == (200, 28, 28) and 0 <= images.min() and images.max() <= 1
     judged = tasks.classify_images(models["digits"], images).argmax(1)

@@ -52,10 +52,12 @@ def test_all_deepserve_metrics_are_exported(client):
                  "deepserve_rejected_requests_total", "deepserve_prediction_confidence_bucket",
                  "deepserve_model_info"):  # fmt: skip
         assert name in text, name
-    assert re.search(r'deepserve_rejected_requests_total\{endpoint="generate",reason="out_of_range"\} [1-9]', text)
-    assert re.search(r'deepserve_model_info\{model="digits",provider="CPUExecutionProvider",version="[^"]+"\} 1.0', text)
+    assert re.search(r'deepserve_rejected_requests_total\{endpoint="/generate",reason="out_of_range"\} [1-9]', text)
+    assert re.search(r'deepserve_model_info\{model="digits",provider="CPUExecutionProvider",reason="[^"]*",version="[^"]+",worker="1"\} 1.0', text)
     assert 'le="0.001"' in text  # buckets resolve milliseconds
-    assert "bentoml_service_request_total" in text  # BentoML's own metrics are still there
+    assert re.search(r'deepserve_http_requests_total\{code="200",endpoint="/classify"\} [1-9]', text)
+    assert re.search(r'deepserve_stage_seconds_count\{endpoint="/classify",stage="infer"\} [1-9]', text)
+    assert "bentoml_service_request_total" in text  # BentoML's own metrics are still there (its probes)
 
 
 def test_probes(client):

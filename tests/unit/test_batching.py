@@ -1,52 +1,39 @@
+"""The adaptive batcher: merges concurrent jobs, keeps one result per job, sheds what would
+be late, and starts no work for a request that was cancelled or whose client is gone."""
+
 import asyncio
 import concurrent.futures
+import threading
+import time
 
 import numpy as np
 import pytest
 
-from service.batching import Batcher, run_rows
+from service.batching import Batcher, CostModel, Overloaded
+from service.tasks import Job, Task
 
 
-def test_run_rows_splits_back_per_request_in_order():
-    items = [(np.full((k, 2), k, np.float32),) for k in (1, 3, 2)]
-    calls = []
-
-    def fn(x):
-        calls.append(len(x))
-        return x * 10
-
-    out = run_rows(fn, items, max_rows=4)
-    assert [o.shape[0] for o in out] == [1, 3, 2]
-    assert [float(o[0, 0]) for o in out] == [10, 30, 20]
-    assert calls == [4, 2]  # six rows, at most four per call
-
-
-def test_run_rows_with_several_columns():
-    items = [(np.array([1, 2]), np.array([10, 20])), (np.array([3]), np.array([30]))]
-    out = run_rows(lambda a, b: a + b, items, max_rows=8)
-    assert [o.tolist() for o in out] == [[11, 22], [33]]
-
-
-def _batcher(fn, enabled=True):
+def _batcher(fn, **kw):
     pool = concurrent.futures.ThreadPoolExecutor(1)
-    return Batcher("m", fn, enabled=enabled, max_batch_size=64, max_latency_ms=5000, executor=pool)
+    return Batcher("m", fn, executor=pool, **{"max_batch_size": 64, "max_latency_ms": 5000, **kw})
 
 
 def test_concurrent_requests_are_merged_into_batches():
     sizes = []
 
     def fn(items):
+        time.sleep(0.002)
         sizes.append(len(items))
         return [x * 2 for x in items]
 
     async def main():
         b = _batcher(fn)
-        results = await asyncio.gather(*(b.submit(i) for i in range(200)))
+        results = await asyncio.gather(*(b.submit(i, 1) for i in range(200)))
         b.shutdown()
         return results
 
     assert asyncio.run(main()) == [i * 2 for i in range(200)]
-    assert max(sizes) > 1 and sum(sizes) == 200
+    assert max(sizes) > 1 and sum(sizes) == 200 and max(sizes) <= 64
 
 
 def test_batching_off_runs_each_request_alone():
@@ -54,7 +41,7 @@ def test_batching_off_runs_each_request_alone():
 
     async def main():
         b = _batcher(lambda items: sizes.append(len(items)) or list(items), enabled=False)
-        return await asyncio.gather(*(b.submit(i) for i in range(20)))
+        return await asyncio.gather(*(b.submit(i, 1) for i in range(20)))
 
     assert asyncio.run(main()) == list(range(20))
     assert set(sizes) == {1}
@@ -62,8 +49,83 @@ def test_batching_off_runs_each_request_alone():
 
 def test_a_result_count_mismatch_fails_the_batch_loudly():
     async def main():
-        b = _batcher(lambda items: [], enabled=False)
-        await b.submit(1)
+        await _batcher(lambda items: []).submit(1, 1)
 
     with pytest.raises(RuntimeError, match="0 results for 1 requests"):
         asyncio.run(main())
+
+
+def test_sheds_when_the_predicted_wait_is_over_the_latency_limit():
+    release = threading.Event()
+
+    def slow(items):
+        release.wait(5)
+        return list(items)
+
+    async def main():
+        b = _batcher(slow, max_latency_ms=160, max_batch_size=1)
+        b.cost.observe(1, 0.05)  # it has learnt that a row costs 50 ms
+        first = asyncio.ensure_future(b.submit(0, 1))
+        await asyncio.sleep(0.01)
+        queued = [asyncio.ensure_future(b.submit(i, 1)) for i in (1, 2)]
+        await asyncio.sleep(0.01)
+        with pytest.raises(Overloaded):
+            await b.submit(9, 1)  # ~30 ms left of the running batch + three of 50 ms > 160 ms
+        release.set()
+        return await asyncio.gather(first, *queued)
+
+    assert asyncio.run(main()) == [0, 1, 2]
+
+
+def test_no_work_starts_for_cancelled_or_abandoned_requests():
+    seen, release = [], threading.Event()
+
+    def fn(items):
+        release.wait(5)
+        seen.extend(items)
+        return list(items)
+
+    async def main():
+        b = _batcher(fn, max_batch_size=8)
+        first = asyncio.ensure_future(b.submit("busy", 1))
+        await asyncio.sleep(0.01)  # the batch thread is now busy with "busy"
+        gone = asyncio.ensure_future(b.submit("timed out", 1))
+        hung_up = asyncio.ensure_future(b.submit("client gone", 1, alive=lambda: False))
+        kept = asyncio.ensure_future(b.submit("kept", 1))
+        await asyncio.sleep(0.01)
+        gone.cancel()
+        release.set()
+        await asyncio.gather(first, kept)
+        with pytest.raises(asyncio.CancelledError):
+            await hung_up
+
+    asyncio.run(main())
+    assert seen == ["busy", "kept"]
+
+
+def test_cost_model_learns_fixed_and_per_row_cost():
+    cm = CostModel()
+    for rows in (1, 4, 16, 64, 2, 32) * 5:
+        cm.observe(rows, 0.001 + 0.0002 * rows)
+    assert cm.fixed == pytest.approx(0.001, rel=0.05) and cm.per_row == pytest.approx(0.0002, rel=0.05)
+
+
+class _Rows(Task):
+    name = "test"
+
+
+def test_forward_concatenates_jobs_and_splits_outputs_back_in_order():
+    class FakeModel:
+        output_names = ["out"]
+        calls = []
+
+        def run(self, x):
+            self.calls.append(len(x))
+            return [x * 10]
+
+    jobs = [Job({"x": np.full((k, 2), k, np.float32)}, k) for k in (1, 3, 2)]
+    model = FakeModel()
+    outs = _Rows().forward(model, jobs, max_rows=4)
+    assert [o["out"].shape[0] for o in outs] == [1, 3, 2]
+    assert [float(o["out"][0, 0]) for o in outs] == [10, 30, 20]
+    assert model.calls == [4, 2]  # six rows, at most four per ONNX run

@@ -2,14 +2,13 @@
 
 import base64
 import io
-import json
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from service import preprocessing as pp
-from tests.conftest import EXPORTED, FIXTURES, png
+from tests.conftest import FIXTURES, active_meta, png
 
 
 def decode_png(blob: bytes) -> np.ndarray:
@@ -27,7 +26,7 @@ def test_classify_labels_real_digits(client, path):
     assert body["model"] == "digits" and body["label"] == str(want) and body["index"] == want
     assert body["confidence"] > 0.9 and len(body["top_k"]) == 3
     assert body["top_k"][0] == {"label": str(want), "index": want, "probability": body["confidence"]}
-    assert body["model_version"] == json.loads((EXPORTED / "digits.json").read_text())["version"]
+    assert body["model_version"] == active_meta("digits")["version"]
 
 
 # 64 images: one mistake is 98.4%; a mix-up of answers would be near 10%
@@ -156,8 +155,8 @@ def test_models_lists_every_model_with_its_provider(client):
     by_name = {m["name"]: m for m in body["models"]}
     assert set(by_name) == {"digits", "fashion", "sentiment", "generator", "encoder", "decoder", "denoiser"}
     for name, m in by_name.items():
-        meta = json.loads((EXPORTED / f"{name}.json").read_text())
-        assert m["sha256"] == meta["sha256"] and m["version"] == meta["version"]
+        meta = active_meta(name)
+        assert m["sha256"] == meta["sha256"] and m["version"] == meta["version"] and m["task"] == meta["task"]
         assert m["provider"] == "CPUExecutionProvider" and m["metrics"] == meta["metrics"]
     assert by_name["sentiment"]["vocabulary_size"] > 1000 and "vocabulary" not in by_name["sentiment"]
     assert body["provider"] == "CPUExecutionProvider" and body["batching"]["enabled"] is True

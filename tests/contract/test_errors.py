@@ -48,8 +48,13 @@ CASES = [
     ("no image field", "/classify", MULTIPART_NO_FILE, 400, "no file field 'image'"),
     ("url-encoded form", "/classify", form(model="digits"), 415, "multipart/form-data"),
     ("unknown form field", "/classify", form(("image", ("a.png", DIGIT, "image/png")), modle="digits"), 400, "unknown field 'modle'"),
-    ("unknown model", "/classify", form(("image", ("a.png", DIGIT, "image/png")), model="cats"), 400, "does not classify images"),
+    ("unknown model", "/classify", form(("image", ("a.png", DIGIT, "image/png")), model="cats"), 400, "does not serve image-classification"),
     ("sentiment for an image", "/classify", form(("image", ("a.png", DIGIT, "image/png")), model="sentiment"), 400, "text goes as JSON"),
+    ("digits for text", "/classify", {"json": {"text": "hi", "model": "digits"}}, 400, "images go as multipart"),
+    ("generator for denoising", "/denoise", form(("image", ("a.png", DIGIT, "image/png")), model="generator"), 400, "does not serve image-denoising"),
+    ("unloaded version", "/classify", form(("image", ("a.png", DIGIT, "image/png")), model_version="1999-01-01-x"), 404, "no loaded version"),
+    ("model not a string", "/generate", {"json": {"model": 7}}, 400, "model must be a string"),
+    ("reject_ood not a bool", "/classify", {"json": {"text": "hi", "reject_ood": "maybe"}}, 400, "reject_ood must be true or false"),
     ("top_k zero", "/classify", form(("image", ("a.png", DIGIT, "image/png")), top_k="0"), 400, "top_k must be between 1 and 10"),
     ("top_k not a number", "/classify", form(("image", ("a.png", DIGIT, "image/png")), top_k="three"), 400, "top_k must be an integer"),
     ("image as text field", "/classify", {"data": {"image": "not a file"}, "files": [("x", ("x", b"", "text/plain"))]}, 400, "field 'image' must be a file part"),
@@ -63,7 +68,6 @@ CASES = [
     ("texts empty list", "/classify", {"json": {"texts": []}}, 400, "texts must be a list of 1 to"),
     ("texts item not string", "/classify", {"json": {"texts": ["ok", None]}}, 400, "texts[1] must be a string"),
     ("enormous text", "/classify", {"json": {"text": "a" * 20001}}, 413, "limit is 20000"),
-    ("text to image model", "/classify", {"json": {"text": "hi", "model": "digits"}}, 400, "sentiment"),
     ("json array body", "/classify", {"json": ["hi"]}, 400, "JSON object"),
     ("broken json", "/generate", {"content": b'{"n": 1', "headers": {"content-type": "application/json"}}, 400, "not valid JSON"),
     ("json without content type", "/generate", {"content": b'{"n": 1}'}, 415, "application/json"),
@@ -85,7 +89,7 @@ CASES = [
     ("code a number", "/decompress", {"json": {"code": 123}}, 400, "code must be a base64 string"),
     ("two images to compress", "/compress", form(("image", ("a.png", DIGIT, "image/png")), ("image", ("b.png", DIGIT, "image/png"))), 400, "exactly one image"),
     ("compress json", "/compress", {"json": {"image": "x"}}, 415, "multipart/form-data"),
-    ("denoise with extra field", "/denoise", form(("image", ("a.png", DIGIT, "image/png")), model="x"), 400, "unknown field 'model'"),
+    ("denoise with extra field", "/denoise", form(("image", ("a.png", DIGIT, "image/png")), top_k="3"), 400, "unknown field 'top_k'"),
     ("denoise not an image", "/denoise", form(("image", ("a.gz", b"\x1f\x8b\x08\x00junk", "image/png"))), 415, "not a supported image"),
     # an attacker's list: parser limits, number edge cases, encodings, names used as paths
     ("deeply nested json", "/generate", {"content": b'{"n": ' + b"[" * 100000 + b"]" * 100000 + b"}",
@@ -95,7 +99,7 @@ CASES = [
     ("NaN", "/generate", {"content": b'{"n": NaN}', "headers": {"content-type": "application/json"}}, 400, "n must be an integer"),
     ("Infinity seed", "/generate", {"content": b'{"seed": Infinity}', "headers": {"content-type": "application/json"}}, 400, "seed must be an integer"),
     ("json not utf-8", "/classify", {"content": b'{"text": "\xff\xfe"}', "headers": {"content-type": "application/json"}}, 400, "not valid JSON"),
-    ("model name as a path", "/classify", form(("image", ("a.png", DIGIT, "image/png")), model="../exported/digits"), 400, "does not classify images"),
+    ("model name as a path", "/classify", form(("image", ("a.png", DIGIT, "image/png")), model="../exported/digits"), 400, "does not serve"),
     ("65 images", "/classify", form(*[("image", (f"{i}.png", DIGIT, "image/png")) for i in range(65)]), 400, "malformed multipart body"),
     ("huge form field", "/classify", form(("image", ("a.png", DIGIT, "image/png")), top_k="1" * 70000), 400, "malformed multipart body"),
     ("top_k fraction", "/classify", form(("image", ("a.png", DIGIT, "image/png")), top_k="2.5"), 400, "top_k must be an integer"),
@@ -112,7 +116,7 @@ def test_bad_input_gets_a_clear_json_4xx(client, path, kwargs, status, words):
     assert r.status_code == status, r.text
     assert r.headers["content-type"].startswith("application/json")
     body = r.json()
-    assert body["status"] == status and words in body["error"]
+    assert body["status"] == status and words in body["error"] and body["request_id"]
     assert "Traceback" not in r.text and "/work/" not in r.text
 
 
@@ -166,7 +170,6 @@ def test_wrong_method_and_unknown_path(client):
     r = client.get("/classify")
     assert r.status_code == 405 and r.json()["error"]
     r = client.post("/nope")
-    assert r.status_code == 404 and r.json() == {"error": "no such path '/nope'; the API is described at /docs.json", "status": 404}
-    assert client.get("/livez").status_code == 200 and client.get("/").status_code == 200  # BentoML's own routes pass
-    r = client.get("/docs", follow_redirects=False)
-    assert r.status_code == 307 and r.headers["location"] == "/"
+    assert r.status_code == 404 and r.json()["error"] == "no such path '/nope'; the API is described at /docs.json"
+    r = client.get("/" + "x" * 5000)
+    assert r.status_code == 404 and len(r.json()["error"]) < 200  # the path is not echoed in full

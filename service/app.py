@@ -1,0 +1,465 @@
+"""deepserve's HTTP front door: one ASGI callable, built from a Core (`build_app(core)`).
+
+It sits in front of BentoML's own app (service.service) and answers every deepserve route
+itself; BentoML keeps its probes and /metrics, which are passed through. Doing the whole
+request path in one layer is what keeps it fast (no per-request middleware stack or timer
+task) and what lets it protect the other clients from any one of them:
+
+- work per request is bounded: body bytes, decoded pixels per image and per request (from
+  headers, before decoding), rows per request; large images decode in a bounded thread pool;
+- a request counts against `max_concurrency` only once its body has arrived (it needs model
+  work), so slow or stalled uploads cannot fill the service; a body that makes no progress
+  for `body_idle_timeout_s` gets 408;
+- once a request has failed, timed out or lost its client, no new decode or model work
+  starts for it; a client that hangs up is counted as `client_closed`, never as a 5xx;
+- overload answers 503 early (before the body is read) and holds it for `shed_hold_ms`, so
+  clients that retry at once cannot spin the CPU on rejections;
+- every metric label comes from a fixed set (route templates, one value for unrouted paths);
+- every answer carries X-Request-ID and model answers Server-Timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import json
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from starlette.datastructures import Headers, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from service import images, metrics, tasks
+from service.batching import Overloaded
+from service.core import Core, NotServed
+from service.errors import ApiError, ClientGone, shown
+from service.settings import Settings
+
+log = logging.getLogger("deepserve")
+
+REQUEST_ID = contextvars.ContextVar("deepserve_request_id", default="-")
+SAFE_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+INLINE_PIXELS = 256 * 256  # a request whose images total fewer pixels decodes on the event loop
+JSON_OFF_LOOP = 64 * 1024  # larger JSON bodies are parsed in a thread
+PASSTHROUGH = frozenset({"/livez", "/healthz", "/readyz", "/metrics"})  # BentoML's own routes
+STATIC = Path(__file__).resolve().parent / "static"
+CSP = "default-src 'self'; img-src 'self' data: blob:"
+
+
+class RequestIdFilter(logging.Filter):
+    """Every deepserve log line about a request carries its id."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        rid = REQUEST_ID.get()
+        record.request_id = rid
+        if rid != "-" and not getattr(record, "_rid_added", False):
+            record.msg = f"[request_id={rid}] {record.msg}"
+            record._rid_added = True
+        return True
+
+
+log.addFilter(RequestIdFilter())
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes
+    media_type: str = "application/json"
+    headers: list[tuple[bytes, bytes]] | None = None
+
+
+def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+    return Response(status, body, "application/json", [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()])
+
+
+class Request:
+    """One HTTP request as the handlers see it (a thin, allocation-light view of the scope)."""
+
+    __slots__ = ("scope", "receive", "method", "path", "_headers", "id", "trace", "start", "timings",
+                 "endpoint", "cancelled", "app", "settings", "_alive")  # fmt: skip
+
+    def __init__(self, app: App, scope, receive):
+        self.app, self.scope, self.receive = app, scope, receive
+        self.settings = app.settings
+        self.method, self.path = scope["method"], scope["path"]
+        self._headers: dict[str, str] | None = None
+        self.start = time.perf_counter()
+        self.timings: dict[str, float] = {}
+        self.endpoint = "unrouted"
+        self.cancelled = threading.Event()  # set when the request ends without an answer in flight
+        owner = getattr(receive, "__self__", None)  # uvicorn's RequestResponseCycle
+        self._alive = (lambda: not owner.disconnected) if hasattr(owner, "disconnected") else None
+        self.trace = None
+        self.id = self._request_id()
+
+    @property
+    def headers(self) -> dict[str, str]:
+        if self._headers is None:
+            self._headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in self.scope["headers"]}
+        return self._headers
+
+    def header(self, name: str, default: str = "") -> str:
+        return self.headers.get(name, default)
+
+    def _request_id(self) -> str:
+        tp = TRACEPARENT.match(self.header("traceparent").strip().lower())
+        if tp and tp.group(2) != "0" * 32:
+            self.trace = (tp.group(1), tp.group(2), tp.group(4))
+        given = self.header("x-request-id").strip()
+        if SAFE_ID.match(given):
+            return given
+        return self.trace[1] if self.trace else os.urandom(8).hex()
+
+    def alive(self) -> bool:
+        """False once the client has hung up (or the request was given up)."""
+        if self.cancelled.is_set():
+            return False
+        return self._alive() if self._alive is not None else True
+
+    def media_type(self) -> str:
+        return self.header("content-type").split(";")[0].strip().lower()
+
+    # -------------------------------------------------------------- body
+
+    async def body(self, limit: int) -> bytes:
+        """The whole body, or 413 past `limit`, 408 when it stalls, ClientGone on hang-up."""
+        started = time.perf_counter()
+        declared = self.header("content-length")
+        if declared:
+            if not declared.isdigit():
+                raise ApiError(400, "Content-Length is not a number", "bad_header")
+            if int(declared) > limit:
+                raise ApiError(413, f"request body is {int(declared)} bytes; the limit is {limit}", "too_large", limit=limit)
+        chunks, size, idle = [], 0, self.settings.body_idle_timeout_s
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(idle) as timer:
+                while True:
+                    message = await self.receive()
+                    if message["type"] == "http.disconnect":
+                        raise ClientGone
+                    chunk = message.get("body", b"")
+                    if chunk:
+                        size += len(chunk)
+                        if size > limit:
+                            raise ApiError(413, f"request body is over the {limit}-byte limit", "too_large", limit=limit)
+                        chunks.append(chunk)
+                    if not message.get("more_body", False):
+                        break
+                    timer.reschedule(loop.time() + idle)
+        except TimeoutError:
+            raise ApiError(408, f"the request body made no progress for {idle:g} s ({size} bytes received)",
+                           "body_timeout") from None  # fmt: skip
+        self.timings["read"] = time.perf_counter() - started
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def json_body(self, limit: int) -> Any:
+        body = await self.body(limit)
+        if len(body) > JSON_OFF_LOOP:
+            return await self.app.offload(parse_json, body)
+        return parse_json(body)
+
+    async def form(self, limit: int, max_files: int) -> tuple[list[bytes], dict[str, Any]]:
+        """multipart/form-data -> (the `image` files' bytes, the other fields JSON-decoded
+        where they are JSON, as BentoML's client sends them)."""
+        body = await self.body(limit)
+
+        async def replay():
+            yield body
+
+        parser = MultiPartParser(Headers(scope=self.scope), replay(), max_files=max_files, max_fields=16,
+                                 max_part_size=64 * 1024)  # fmt: skip
+        try:
+            form = await parser.parse()
+        except MultiPartException as exc:
+            raise ApiError(400, f"malformed multipart body: {exc.message}", "bad_multipart") from None
+        files, fields = [], {}
+        for key, value in form.multi_items():
+            if key == "image":
+                if not isinstance(value, UploadFile):
+                    raise ApiError(400, "field 'image' must be a file part (with a filename)", "bad_field")
+                files.append(await value.read())
+            elif isinstance(value, UploadFile):
+                raise ApiError(400, f"field {shown(key)} must be a plain form field, not a file", "bad_field")
+            elif key in fields:
+                raise ApiError(400, f"field {shown(key)} is given twice", "bad_field")
+            else:
+                fields[key] = form_value(value)
+        return files, fields
+
+    # -------------------------------------------------------------- tasks.Context
+
+    async def decode_images(self, files: list[bytes], invert: str) -> np.ndarray:
+        """Uploaded files -> (N, 28, 28) float32, each checked from its header first."""
+        s = self.settings
+        labels = ["image" if len(files) == 1 else f"image #{i + 1}" for i in range(len(files))]
+        uploads = [images.probe(data, label, s.max_image_pixels) for data, label in zip(files, labels)]
+        total = sum(u.pixels for u in uploads)
+        if total > s.max_request_pixels:
+            raise ApiError(413, f"the images hold {total} pixels together; the limit per request is "
+                                f"{s.max_request_pixels}", "too_many_pixels", limit=s.max_request_pixels)  # fmt: skip
+        started = time.perf_counter()
+        if total <= INLINE_PIXELS:
+            arrays = [images.decode(u, invert) for u in uploads]
+        else:
+            arrays = await self.app.decode_off_loop(self, uploads, invert, total)
+        self.timings["decode"] = time.perf_counter() - started
+        return np.stack(arrays)
+
+
+def parse_json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"body is not valid JSON: {str(exc)[:80]}", "bad_json") from None
+    except (ValueError, RecursionError):  # a 5000-digit number, nesting 100,000 deep
+        raise ApiError(400, "body is not valid JSON: a number is too long or it nests too deeply", "bad_json") from None
+
+
+def form_value(value: str) -> Any:
+    """A form field as BentoML's client sends it (JSON-encoded) or as curl does (plain)."""
+    if value[:1] in '"[{-0123456789tfn' and len(value) <= 4096:
+        try:
+            return json.loads(value)
+        except (ValueError, RecursionError):
+            pass
+    return value
+
+
+def _decode_all(req: Request, uploads: list[images.Upload], invert: str) -> list[np.ndarray]:
+    out = []
+    for u in uploads:
+        if not req.alive():  # failed, timed out or hung up: no more work for it
+            raise ClientGone
+        out.append(images.decode(u, invert))
+    return out
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+@dataclass
+class Route:
+    endpoint: str  # the metric label: the route template
+    methods: tuple[str, ...]
+    handler: Handler
+    model_work: bool = False  # under the API key, the concurrency limit and the request timeout
+
+
+class App:
+    """The ASGI app. `core` may be bound later (BentoML creates it in the worker's start-up)."""
+
+    def __init__(self, settings: Settings, core: Core | None = None, fallback=None, drain=None):
+        self.settings, self.core, self.fallback, self.drain = settings, core, fallback, drain
+        self.in_flight = 0  # requests past their body, doing model work (the concurrency limit)
+        self.handling = 0  # every request being handled, body reads included (the drain waits)
+        self.routes: dict[str, Route] = {}
+        self.prefixes: list[tuple[str, Callable[[str], tuple[Route, dict] | None]]] = []
+        self._hold = settings.shed_hold_ms / 1000
+        self._static = {}
+        from service import routes as route_table
+
+        route_table.install(self)
+
+    def bind(self, core: Core, drain=None) -> None:
+        self.core, self.drain = core, drain
+
+    def add(self, path: str, handler: Handler, methods=("GET",), model_work: bool = False, endpoint: str | None = None) -> None:
+        self.routes[path] = Route(endpoint or path, tuple(methods), handler, model_work)
+
+    def add_prefix(self, prefix: str, match: Callable[[str], tuple[Route, dict] | None]) -> None:
+        self.prefixes.append((prefix, match))
+
+    async def offload(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.core.decode_pool, fn, *args)
+
+    async def decode_off_loop(self, req: Request, uploads, invert: str, pixels: int) -> list[np.ndarray]:
+        core = self.core
+        if core.decode_backlog + pixels > self.settings.decode_backlog_pixels and core.decode_backlog:
+            raise Overloaded("the image decoder is busy with large images")
+        core.decode_backlog += pixels
+        try:
+            return await self.offload(_decode_all, req, uploads, invert)
+        finally:
+            core.decode_backlog -= pixels
+
+    # -------------------------------------------------------------- ASGI
+
+    async def __call__(self, scope, receive, send) -> None:
+        kind = scope["type"]
+        if kind != "http":
+            if self.fallback is not None:
+                return await self.fallback(scope, receive, send)
+            if kind == "lifespan":  # in-process use without BentoML: nothing to start
+                while (await receive())["type"] != "lifespan.shutdown":
+                    await send({"type": "lifespan.startup.complete"})
+                await send({"type": "lifespan.shutdown.complete"})
+            return
+        path = scope["path"]
+        if path in PASSTHROUGH and self.fallback is not None:
+            return await self.fallback(scope, receive, send)
+        await self.handle(scope, receive, send, path)
+
+    async def handle(self, scope, receive, send, path: str) -> None:
+        req = Request(self, scope, receive)
+        token = REQUEST_ID.set(req.id)
+        self.handling += 1
+        route, params = self.routes.get(path), None
+        if route is None:
+            for prefix, match in self.prefixes:
+                if path.startswith(prefix):
+                    found = match(path)
+                    if found is not None:
+                        route, params = found
+                    break
+        try:
+            resp = await self.dispatch(req, route, params)
+        finally:
+            self.handling -= 1
+        if resp is None:  # the client hung up: nothing to send
+            req.cancelled.set()
+            self.record(req, 499)
+            REQUEST_ID.reset(token)
+            return
+        if resp.status >= 400:
+            req.cancelled.set()
+        await self.send(req, resp, send)
+        REQUEST_ID.reset(token)
+
+    async def dispatch(self, req: Request, route: Route | None, params: dict | None) -> Response | None:
+        try:
+            if route is None:
+                raise ApiError(404, f"no such path {shown(req.path, 100)}; the API is described at /docs.json", "unrouted")
+            req.endpoint = route.endpoint
+            if req.method not in route.methods and not (req.method == "HEAD" and "GET" in route.methods):
+                raise ApiError(405, f"{req.method} is not allowed on {route.endpoint}; use {', '.join(route.methods)}",
+                               "wrong_method", allow=", ".join(route.methods))  # fmt: skip
+            if not route.model_work:
+                return await (route.handler(req, **params) if params else route.handler(req))
+            return await self.model_work(req, route, params)
+        except ApiError as exc:
+            metrics.reject(req.endpoint, exc.reason)
+            headers = {"Allow": exc.extra.pop("allow")} if "allow" in exc.extra else None
+            if exc.status in (429, 503):
+                await self.hold()
+            return self.error(req, exc.status, exc.message, headers, **exc.extra)
+        except ClientGone:
+            metrics.reject(req.endpoint, "client_closed")
+            return None
+        except Overloaded as exc:
+            metrics.reject(req.endpoint, "overloaded")
+            await self.hold()
+            return self.error(req, 503, f"{exc}; retry shortly")
+        except TimeoutError:
+            metrics.reject(req.endpoint, "timeout")
+            return self.error(req, 504, f"the request did not finish within {self.settings.request_timeout_s:g} s")
+        except NotServed as exc:
+            metrics.reject(req.endpoint, "not_served")
+            return self.error(req, 404, str(exc))
+        except Exception:
+            log.exception("unexpected error in %s", req.endpoint)
+            metrics.reject(req.endpoint, "internal")
+            return self.error(req, 500, "internal error; the server log has the details")
+
+    async def model_work(self, req: Request, route: Route, params: dict | None) -> Response:
+        core, s = self.core, self.settings
+        if core is None or not core.ready:
+            raise ApiError(503, "deepserve is starting: models are not loaded yet", "not_ready")
+        self.check_api_key(req)
+        if self.in_flight >= s.max_concurrency:
+            # shed before reading the body: queueing past this only makes every client later
+            raise ApiError(503, f"deepserve is at capacity ({s.max_concurrency} requests in flight); retry shortly",
+                           "at_capacity")  # fmt: skip
+        try:
+            async with asyncio.timeout(s.request_timeout_s):
+                return await (route.handler(req, **params) if params else route.handler(req))
+        finally:
+            if req.cancelled.is_set() or not req.alive():
+                req.cancelled.set()
+
+    def check_api_key(self, req: Request) -> None:
+        key = self.settings.api_key
+        if not key:
+            return
+        import hmac
+
+        given = req.header("x-api-key").strip()
+        auth = req.header("authorization")
+        if auth[:7].lower() == "bearer ":
+            given = auth[7:].strip()
+        if not hmac.compare_digest(given.encode(), key.encode()):
+            raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "unauthorized")
+
+    async def hold(self) -> None:
+        """Hold an overload answer briefly: a client that retries at once then costs one
+        rejection per hold instead of spinning the CPU on them."""
+        if self._hold:
+            await asyncio.sleep(self._hold)
+
+    def error(self, req: Request, status: int, message: str, headers: dict | None = None, **extra) -> Response:
+        headers = dict(headers or {})
+        if status in (429, 503):
+            headers["Retry-After"] = "1"
+        return json_response({"error": message, "status": status, "request_id": req.id, **extra}, status, headers)
+
+    # -------------------------------------------------------------- sending
+
+    async def send(self, req: Request, resp: Response, send) -> None:
+        headers = [(b"content-type", resp.media_type.encode()), (b"content-length", str(len(resp.body)).encode()),
+                   (b"x-request-id", req.id.encode())]  # fmt: skip
+        if resp.headers:
+            headers += resp.headers
+        if req.trace is not None:
+            version, trace_id, flags = req.trace
+            headers.append((b"traceparent", f"{version}-{trace_id}-{os.urandom(8).hex()}-{flags}".encode()))
+        total = time.perf_counter() - req.start
+        if req.timings:
+            req.timings["total"] = total
+            headers.append((b"server-timing", ", ".join(f"{k};dur={v * 1000:.2f}" for k, v in req.timings.items()).encode()))
+        if self.drain is not None and self.drain.draining:
+            headers.append((b"connection", b"close"))  # a pooled client then opens a new connection elsewhere
+        await send({"type": "http.response.start", "status": resp.status, "headers": headers})
+        await send({"type": "http.response.body", "body": b"" if req.method == "HEAD" else resp.body})
+        self.record(req, resp.status, total)
+
+    def record(self, req: Request, status: int, total: float | None = None) -> None:
+        m = metrics.get()
+        code = str(status)
+        total = time.perf_counter() - req.start if total is None else total
+        m.requests.labels(req.endpoint, code).inc()
+        m.duration.labels(req.endpoint, code).observe(total)
+        if req.timings and status < 400:
+            for stage, seconds in req.timings.items():
+                m.stage.labels(req.endpoint, stage).observe(seconds)
+        if self.settings.access_log:
+            log.info("%s %s %d %.1f ms", req.method, req.endpoint, status, total * 1000)
+
+
+def build_app(core: Core | None = None, settings: Settings | None = None, fallback=None, drain=None):
+    """deepserve's ASGI app for a core (in-process tests use it with Starlette's TestClient);
+    wrapped in CORS when origins are configured."""
+    settings = settings or (core.settings if core is not None else Settings())
+    app = App(settings, core, fallback, drain)
+    origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+    if not origins:
+        return app
+    from starlette.middleware.cors import CORSMiddleware
+
+    cors = CORSMiddleware(app, allow_origins=origins, allow_methods=["GET", "POST"], allow_headers=["*"],
+                          expose_headers=["X-Request-ID", "Server-Timing", "X-Seed", "X-Digits", "X-Model-Version"])  # fmt: skip
+    cors.deepserve = app  # so the service can bind the core to the inner app
+    return cors
+
+
+__all__ = ["App", "Request", "Response", "build_app", "json_response", "tasks"]

@@ -1,0 +1,100 @@
+"""The family registry: what each training run is, declared once.
+
+A family is what one training run exports, sharing one version (`codec` -> `encoder` +
+`decoder`). Everything that trains, evaluates, documents or tests the models enumerates
+this registry: `python -m training`, `make train`, `make train-smoke`, `make evaluate`,
+`make publish`, the model card and the tests. Adding a family = a module with `Config` and
+`train(cfg, family)` plus one entry here (and an evaluator in training.evaluate).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from dataclasses import dataclass, field
+
+# metric -> (comparison, bar, stretch): the quality table, checked on every evaluation
+Bars = dict[str, tuple[str, float, float]]
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    module: str  # a training module with `Config` and `train(cfg, family)`
+    models: tuple[str, ...]  # the models it exports, in export order
+    bars: Bars
+    summary: dict[str, str]  # model -> one line for the model card
+    pictures: dict[str, tuple[str, ...]] = field(default_factory=dict)  # model -> docs/img files
+    overrides: dict = field(default_factory=dict)  # Config fields that differ from the module's defaults
+    note: str = ""  # why the overrides
+
+    def config(self, **changes):
+        return dataclasses.replace(importlib.import_module(self.module).Config(**self.overrides), **changes)
+
+    def train(self, cfg) -> dict:
+        return importlib.import_module(self.module).train(cfg, self.name)
+
+
+FAMILIES: dict[str, Family] = {f.name: f for f in [
+    Family("digits", "training.classifier", ("digits",),
+           bars={"test_accuracy": (">=", 0.993, 0.995)},
+           summary={"digits": "CNN (3 conv blocks, BatchNorm, dropout) on MNIST; random ±2 px shifts."},
+           pictures={"digits": ("digits_confusion.png", "digits_curves.png", "digits_reliability.png")},
+           overrides={"dataset": "mnist", "label_smoothing": 0.0},
+           note="digits is also the generator's judge: label smoothing would cap its confidence (and so the "
+                "Inception-style score) near 7.9 even on real digits"),
+    Family("fashion", "training.classifier", ("fashion",),
+           bars={"test_accuracy": (">=", 0.920, 0.935)},
+           summary={"fashion": "The same CNN on Fashion-MNIST; shifts and horizontal flips."},
+           pictures={"fashion": ("fashion_confusion.png", "fashion_curves.png", "fashion_reliability.png")},
+           overrides={"dataset": "fashion", "hflip": True, "epochs": 20, "width": 32}),
+    Family("sentiment", "training.sentiment", ("sentiment",),
+           bars={"dev_accuracy": (">=", 0.830, 0.850)},
+           summary={"sentiment": "BiLSTM from scratch on GLUE SST-2 (no pretrained embeddings); max+mean pooling."},
+           pictures={"sentiment": ("sentiment_curves.png", "sentiment_reliability.png")}),
+    Family("generator", "training.generator", ("generator",),
+           bars={"requested_digit_accuracy": (">=", 0.95, 0.97), "inception_score": (">=", 9.0, 9.4)},
+           summary={"generator": "Class-conditional DCGAN (projection discriminator + auxiliary digit classifier)."},
+           pictures={"generator": ("generator_samples.png", "generator_curves.png")}),
+    Family("codec", "training.codec", ("encoder", "decoder"),
+           bars={"bytes_per_image": ("<=", 16, 16), "psnr_db": (">=", 21.0, 23.5)},
+           summary={"encoder": "Convolutional autoencoder; 32 sigmoid latents quantized to 4 bits = 16 bytes.",
+                    "decoder": "Decoder half of the codec: 16-byte code -> 28×28 image."},
+           pictures={"encoder": ("codec_rate_distortion.png", "codec_pairs.png", "codec_curves.png")}),
+    Family("denoiser", "training.denoiser", ("denoiser",),
+           bars={"psnr_db_sigma_0.3": (">=", 22.5, 24.0), "psnr_db_sigma_0.5": (">=", 18.5, 20.5)},
+           summary={"denoiser": "Small residual U-Net (28 -> 14 -> 7) trained with σ ~ U(0.1, 0.6)."},
+           pictures={"denoiser": ("denoiser_baselines.png", "denoiser_triplets.png", "denoiser_curves.png")}),
+]}  # fmt: skip
+
+
+def family_of_model(model: str) -> Family:
+    return next(f for f in FAMILIES.values() if model in f.models)
+
+
+def check_bars(family: Family, metrics: dict) -> list[tuple[str, bool, bool]]:
+    """[(line, meets bar, meets stretch)] like `digits test_accuracy 0.9951 >= 0.993 ok (stretch 0.995 met)`."""
+    out = []
+    for key, (op, bar, stretch) in family.bars.items():
+        v = metrics[key]
+        ok = v >= bar if op == ">=" else v <= bar
+        st = v >= stretch if op == ">=" else v <= stretch
+        out.append((f"{family.name} {key} {v:.4f} {op} {bar} {'ok' if ok else 'BELOW BAR'}"
+                    f" (stretch {stretch} {'met' if st else 'not met'})", ok, st))  # fmt: skip
+    return out
+
+
+_NOT_IN_COMMAND = {"dry_run", "data_dir", "download", "out", "vocab_size"}  # vocab_size is derived
+
+
+def command_for(family: str, cfg) -> str:
+    """The shortest command line that reproduces cfg: only flags that differ from defaults."""
+    base = FAMILIES[family].config()
+    parts = ["python -m training", family]
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name in _NOT_IN_COMMAND or value == getattr(base, f.name):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        parts.append(flag if value is True else f"--no-{flag[2:]}" if value is False else f"{flag} {value}")
+    return " ".join(parts)
