@@ -89,6 +89,6 @@ def reject(endpoint: str, reason: str) -> None:
 
 
 def model_served(model, value: int) -> None:
-    get().model_info.labels(model.name, model.version, model.provider, model.provider_reason or "",
+    get().model_info.labels(model.name, model.version, model.provider, (model.provider_reason or "")[:120],
                             worker_index()).set(value)  # fmt: skip
 
