@@ -55,8 +55,10 @@ def payloads(tmp: Path) -> dict[str, tuple[str, str, Path]]:
     sentence = (FIXTURES / "sst2_dev200.tsv").read_text().splitlines()[1].rsplit("\t", 1)[0]
 
     def multipart(data: bytes) -> bytes:
-        return (b'--BENCH\r\nContent-Disposition: form-data; name="image"; filename="x.png"\r\n'
-                b"Content-Type: image/png\r\n\r\n" + data + b"\r\n--BENCH--\r\n")  # fmt: skip
+        return (
+            b'--BENCH\r\nContent-Disposition: form-data; name="image"; filename="x.png"\r\n'
+            b"Content-Type: image/png\r\n\r\n" + data + b"\r\n--BENCH--\r\n"
+        )
 
     bodies = {
         "classify-image": ("/classify", "multipart/form-data; boundary=BENCH", multipart(seven)),
@@ -80,14 +82,26 @@ def free_port() -> int:
 def start(kind: str, port: int, log: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     if kind.startswith("deepserve"):
-        cmd = [sys.executable, "-m", "bentoml", "serve", "service.service:DeepServe", "--host", "127.0.0.1", "--port", str(port)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "bentoml",
+            "serve",
+            "service.service:DeepServe",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ]
         if kind == "deepserve-nobatch":
             env["DEEPSERVE_BATCHING"] = "false"
     else:
         cmd = [sys.executable, "-m", "bench.peers", kind, str(port)]
     if PIN:
         cmd = ["taskset", "-c", "1", *cmd]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True
+    )
     url = f"http://127.0.0.1:{port}"
     probe = "/readyz" if kind.startswith("deepserve") else ("/health" if kind == "litserve" else None)
     deadline = time.monotonic() + 180
@@ -118,18 +132,40 @@ def stop(proc: subprocess.Popen) -> None:
 
 def wrk(url: str, body: tuple[str, str, Path], connections: int, seconds: float) -> dict:
     path, ctype, file = body
-    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{round(seconds)}s", "--timeout", "10s", "-s", str(REPO / "bench" / "report.lua"), url + path]
+    cmd = [
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{round(seconds)}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(REPO / "bench" / "report.lua"),
+        url + path,
+    ]
     if PIN:
         cmd = ["taskset", "-c", "0", *cmd]
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "BENCH_BODY": str(file), "BENCH_TYPE": ctype},
-                         timeout=seconds + 60)  # fmt: skip
-    line = next((l for l in out.stdout.splitlines() if l.startswith("{")), None)
+    out = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "BENCH_BODY": str(file), "BENCH_TYPE": ctype},
+        timeout=seconds + 60,
+    )
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("{")), None)
     if line is None:
         raise RuntimeError(f"wrk failed ({' '.join(cmd)}): {out.stdout[-500:]} {out.stderr[-500:]}")
     r = json.loads(line)
     errors = r["connect"] + r["read"] + r["write"] + r["status"] + r["timeout"]
-    return {"rps": r["requests"] / r["seconds"], "p50_ms": r["p50_ms"], "p95_ms": r["p95_ms"], "p99_ms": r["p99_ms"],
-            "errors": errors, "error_rate": errors / max(1, r["requests"]), "requests": r["requests"]}  # fmt: skip
+    return {
+        "rps": r["requests"] / r["seconds"],
+        "p50_ms": r["p50_ms"],
+        "p95_ms": r["p95_ms"],
+        "p99_ms": r["p99_ms"],
+        "errors": errors,
+        "error_rate": errors / max(1, r["requests"]),
+        "requests": r["requests"],
+    }
 
 
 def check(url: str, body: tuple[str, str, Path]) -> None:
@@ -156,10 +192,12 @@ def in_process(seconds: float = 0.5) -> dict[str, dict]:
     texts = [line.rsplit("\t", 1)[0] for line in (FIXTURES / "sst2_dev200.tsv").read_text().splitlines()[1:257]]
     ids = [s or [pp.UNK] for s in tasks.encode_texts(models["sentiment"], texts)]
     z, d = pp.sample_latents(256, models["generator"].meta.preprocessing.z_dim, 0, 7)
-    runs = {"classify-image": lambda b: tasks.classify_images(models["digits"], x[:b]),
-            "classify-text": lambda b: tasks.classify_token_ids(models["sentiment"], ids[:b]),
-            "generate-16": lambda b: tasks.generate(models["generator"], z[:b], d[:b]),
-            "denoise": lambda b: tasks.denoise(models["denoiser"], x[:b])}  # fmt: skip
+    runs = {
+        "classify-image": lambda b: tasks.classify_images(models["digits"], x[:b]),
+        "classify-text": lambda b: tasks.classify_token_ids(models["sentiment"], ids[:b]),
+        "generate-16": lambda b: tasks.generate(models["generator"], z[:b], d[:b]),
+        "denoise": lambda b: tasks.denoise(models["denoiser"], x[:b]),
+    }
     out = {}
     for name, fn in runs.items():
         best = (0.0, 0)
@@ -181,9 +219,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=8, help="wrk duration per point")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 128], help="wrk connections")
     p.add_argument("--only", nargs="+", choices=list(SERVERS), default=list(SERVERS), help="servers to run")
-    p.add_argument("--out", default=str(REPO / "docs" / "benchmarks.json"), help="raw results (committed beside the report)")
+    p.add_argument(
+        "--out", default=str(REPO / "docs" / "benchmarks.json"), help="raw results (committed beside the report)"
+    )
     p.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
-    p.add_argument("--in-process-seconds", type=float, default=0.5, help="time per batch size for the in-process ceiling")
+    p.add_argument(
+        "--in-process-seconds", type=float, default=0.5, help="time per batch size for the in-process ceiling"
+    )
     args = p.parse_args(argv)
     if shutil.which("wrk") is None:
         print("wrk is not installed: `make tools` (Debian's wrk package)", file=sys.stderr)
@@ -203,10 +245,15 @@ def main(argv: list[str] | None = None) -> int:
                     wrk(f"http://127.0.0.1:{port}", bodies[ep], 8, 2)  # warm-up
                     for c in args.concurrency:
                         time.sleep(1)  # let the previous point's queue drain
-                        r = table.setdefault(ep, {})[str(c)] = wrk(f"http://127.0.0.1:{port}", bodies[ep], c, args.seconds)
+                        r = table.setdefault(ep, {})[str(c)] = wrk(
+                            f"http://127.0.0.1:{port}", bodies[ep], c, args.seconds
+                        )
                         done += 1
-                        print(f"[{done}/{total}] {kind:18s} {ep:15s} c={c:<4d} {r['rps']:8.1f} req/s  "
-                              f"p50 {r['p50_ms']:7.1f}  p99 {r['p99_ms']:7.1f} ms  errors {r['errors']}", flush=True)  # fmt: skip
+                        print(
+                            f"[{done}/{total}] {kind:18s} {ep:15s} c={c:<4d} {r['rps']:8.1f} req/s  "
+                            f"p50 {r['p50_ms']:7.1f}  p99 {r['p99_ms']:7.1f} ms  errors {r['errors']}",
+                            flush=True,
+                        )
             finally:
                 stop(proc)
     results["in_process"] = in_process(args.in_process_seconds)
@@ -221,15 +268,27 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def machine() -> dict:
+    import bentoml
     import onnxruntime
 
-    import bentoml
-
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30),
-            "python": platform.python_version(), "bentoml": bentoml.__version__, "onnxruntime": onnxruntime.__version__,
-            "wrk": subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split("\n")[0].strip(),
-            "pinning": "wrk on CPU 0, server on CPU 1" if PIN else "none (one core)"}  # fmt: skip
+    cpu = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30),
+        "python": platform.python_version(),
+        "bentoml": bentoml.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "wrk": subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split("\n")[0].strip(),
+        "pinning": "wrk on CPU 0, server on CPU 1" if PIN else "none (one core)",
+    }
 
 
 if __name__ == "__main__":

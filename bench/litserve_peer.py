@@ -47,6 +47,7 @@ class Classify(ls.LitAPI):
     def encode_response(self, y):
         return y
 
+
 class Generate(ls.LitAPI):
     def setup(self, device):
         self.models = models()
@@ -72,6 +73,7 @@ class Generate(ls.LitAPI):
 
         return Response(png, media_type="image/png")
 
+
 class Denoise(Generate):
     def decode_request(self, request):
         return decode(request["image"].file.read(), "none")
@@ -81,11 +83,16 @@ class Denoise(Generate):
         return [pp.png_bytes(o) for o in out]
 
 
-
 def serve(port: int) -> None:
     kw = {"max_batch_size": 32, "batch_timeout": 0.005}
-    server = ls.LitServer([Classify(api_path="/classify", **kw), Generate(api_path="/generate", **kw),
-                           Denoise(api_path="/denoise", **kw)], accelerator="cpu", devices=1, workers_per_device=1)  # fmt: skip
+    server = ls.LitServer(
+        [
+            Classify(api_path="/classify", **kw),
+            Generate(api_path="/generate", **kw),
+            Denoise(api_path="/denoise", **kw),
+        ],
+        accelerator="cpu",
+        devices=1,
+        workers_per_device=1,
+    )
     server.run(port=port, host="127.0.0.1", generate_client_file=False)
-
-

@@ -5,7 +5,6 @@ would write in an afternoon.
     python -m bench.peers fastapi|litserve|noop PORT   (LitServe: bench/litserve_peer.py)
 """
 
-
 # no `from __future__ import annotations`: FastAPI reads the handlers' real type hints
 import math
 import sys
@@ -46,7 +45,9 @@ def fastapi_app():
 
     @app.post("/generate")
     async def generate(body: dict):
-        return Response(generate_png(models, body.get("n", 16), body.get("digit"), body.get("seed", 0)), media_type="image/png")
+        return Response(
+            generate_png(models, body.get("n", 16), body.get("digit"), body.get("seed", 0)), media_type="image/png"
+        )
 
     @app.post("/denoise")
     async def denoise(image: UploadFile):
@@ -77,8 +78,13 @@ def noop_app():
         await request.body()
         return Response(png, media_type="image/png")
 
-    return Starlette(routes=[Route("/classify", classify, methods=["POST"]),
-                             Route("/generate", image, methods=["POST"]), Route("/denoise", image, methods=["POST"])])  # fmt: skip
+    return Starlette(
+        routes=[
+            Route("/classify", classify, methods=["POST"]),
+            Route("/generate", image, methods=["POST"]),
+            Route("/denoise", image, methods=["POST"]),
+        ]
+    )
 
 
 def main() -> None:

@@ -60,6 +60,7 @@ def say(msg: str = "") -> None:
 
 # ---------------------------------------------------------------- a tiny YAML subset reader
 
+
 def _scalar(text: str):
     text = text.strip()
     if not text:
@@ -102,8 +103,8 @@ def _split_key(content: str) -> tuple[str, str] | None:
     """'key: value' or 'key:' -> (key, value); None when content is not a mapping entry."""
     if content[0] in "\"'":
         end = content.find(content[0], 1)
-        if end > 0 and content[end + 1:end + 2] == ":" and content[end + 2:end + 3] in ("", " "):
-            return content[1:end], content[end + 2:]
+        if end > 0 and content[end + 1 : end + 2] == ":" and content[end + 2 : end + 3] in ("", " "):
+            return content[1:end], content[end + 2 :]
         return None
     m = re.match(r"([^:#]+?):(?:\s+(.*))?$", content)
     return (m.group(1).strip(), m.group(2) or "") if m else None
@@ -118,7 +119,7 @@ def load_yaml(text: str):
             continue
         line = _strip_comment(raw)
         if line.strip():
-            if "\t" in line[:len(line) - len(line.lstrip())]:
+            if "\t" in line[: len(line) - len(line.lstrip())]:
                 raise ValueError(f"tab indentation: {raw!r}")
             lines.append([len(line) - len(line.lstrip()), line.strip()])
 
@@ -147,8 +148,9 @@ def load_yaml(text: str):
             key, rest = kv
             if rest.strip():
                 out[key], i = _scalar(rest), i + 1
-            elif i + 1 < len(lines) and (lines[i + 1][0] > indent or (
-                    lines[i + 1][0] == indent and lines[i + 1][1].startswith("-"))):
+            elif i + 1 < len(lines) and (
+                lines[i + 1][0] > indent or (lines[i + 1][0] == indent and lines[i + 1][1].startswith("-"))
+            ):
                 out[key], i = block(i + 1, lines[i + 1][0])
             else:
                 out[key], i = None, i + 1
@@ -169,11 +171,16 @@ def read_bentofile(path: Path) -> dict:
         raise CheckError(f"{path}: no python.packages")
     docker = doc.get("docker") or {}
     envs = {e["name"]: str(e.get("value", "")) for e in doc.get("envs") or []}
-    return {"packages": [str(p) for p in packages], "docker": docker, "envs": envs,
-            "python_version": str(docker.get("python_version", "3.11"))}
+    return {
+        "packages": [str(p) for p in packages],
+        "docker": docker,
+        "envs": envs,
+        "python_version": str(docker.get("python_version", "3.11")),
+    }
 
 
 # ---------------------------------------------------------------- ELF: DT_NEEDED and friends
+
 
 class Elf:
     """DT_NEEDED, DT_SONAME, DT_RPATH and DT_RUNPATH of a 64-bit little-endian ELF, read with
@@ -190,7 +197,7 @@ class Elf:
             if ident[4] != 2 or ident[5] != 1:
                 raise ValueError(f"{path}: not a 64-bit little-endian ELF")
             self.machine = struct.unpack_from("<H", ident, 18)[0]
-            phoff, = struct.unpack_from("<Q", ident, 32)
+            (phoff,) = struct.unpack_from("<Q", ident, 32)
             phentsize, phnum = struct.unpack_from("<HH", ident, 54)
             f.seek(phoff)
             table = f.read(phentsize * phnum)
@@ -214,7 +221,7 @@ class Elf:
             def string(offset: int) -> str:
                 f.seek(base + offset)
                 data = f.read(4096)
-                return data[:data.index(b"\0")].decode()
+                return data[: data.index(b"\0")].decode()
 
             for tag, val in entries:
                 if tag == 0:
@@ -262,8 +269,8 @@ class Resolver:
     def __init__(self, ld_library_path: list[str]):
         self.ld_library_path = ld_library_path
         self.cache = system_cache()
-        self.loaded: dict[str, str | None] = {}   # name -> path (None: missing)
-        self.how: dict[str, str] = {}             # name -> which search step found it
+        self.loaded: dict[str, str | None] = {}  # name -> path (None: missing)
+        self.how: dict[str, str] = {}  # name -> which search step found it
         self.needed_by: dict[str, str] = {}
         self.elves: dict[str, Elf] = {}
 
@@ -324,19 +331,22 @@ class Resolver:
 
 # ---------------------------------------------------------------- the scratch venv
 
+
 def venv_python(venv: Path) -> Path:
     return venv / "bin" / "python"
 
 
 def find_python(version: str) -> str:
     """A python of the image's version (python3.11 for "3.11"), else this one."""
-    if "%d.%d" % sys.version_info[:2] == version:
+    if "{}.{}".format(*sys.version_info[:2]) == version:
         return sys.executable
     exe = shutil.which(f"python{version}")
     if exe:
         return exe
-    say(f"warning: no python{version} here; the scratch venv uses python "
-        f"{'%d.%d' % sys.version_info[:2]} (the image uses {version})")
+    say(
+        f"warning: no python{version} here; the scratch venv uses python "
+        f"{sys.version_info[0]}.{sys.version_info[1]} (the image uses {version})"
+    )
     return sys.executable
 
 
@@ -371,8 +381,10 @@ def install(venv: Path, packages: list[str], python_version: str, fresh: bool) -
         say(f"creating {venv} with {python}")
         subprocess.run([python, "-m", "venv", str(venv)], check=True)
     stamp.unlink(missing_ok=True)
-    say(f"installing the GPU image's {len(packages)} packages (the large downloads: onnxruntime-gpu, "
-        "nvidia-cublas, nvidia-cudnn-cu13; pip shows each as it goes):")
+    say(
+        f"installing the GPU image's {len(packages)} packages (the large downloads: onnxruntime-gpu, "
+        "nvidia-cublas, nvidia-cudnn-cu13; pip shows each as it goes):"
+    )
     for p in packages:
         say(f"    {p}")
     cmd = [str(venv_python(venv)), "-m", "pip", "install", "--progress-bar", "on", *packages]
@@ -451,6 +463,7 @@ print(json.dumps(rows))
 
 # ---------------------------------------------------------------- the check
 
+
 def image_ld_library_path(bento: dict, site: str, problems: list[str]) -> tuple[str, list[str]]:
     """The bentofile's LD_LIBRARY_PATH, and the same folders in the scratch venv."""
     value = bento["envs"].get("LD_LIBRARY_PATH", "")
@@ -460,7 +473,7 @@ def image_ld_library_path(bento: dict, site: str, problems: list[str]) -> tuple[
         if not d.startswith(image_site + "/"):
             problems.append(f"bentofile LD_LIBRARY_PATH entry {d} is not in the image's site-packages {image_site}")
             continue
-        local = site + d[len(image_site):]
+        local = site + d[len(image_site) :]
         if not os.path.isdir(local):
             problems.append(f"bentofile LD_LIBRARY_PATH entry {d} does not exist in the installed packages ({local})")
         mapped.append(local)
@@ -518,7 +531,7 @@ print("GPU-CHECK-RESULT " + json.dumps(out))
     for x in out.stderr.splitlines():
         x = re.sub(r"\x1b\[[0-9;]*m", "", x)
         if "Failed to load library" in x:
-            ort_errors.append(x[x.index("Failed to load library"):].replace(site, "<site-packages>").strip())
+            ort_errors.append(x[x.index("Failed to load library") :].replace(site, "<site-packages>").strip())
     if models:
         say(f"  InferenceSession({models[0].relative_to(REPO)}, providers=[CUDA, CPU]) ran on: {result['session']}")
         for x in ort_errors[:3]:
@@ -570,8 +583,10 @@ def check(venv: Path, bento: dict, bentofile: Path) -> int:
         if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant):
             info[node.targets[0].id] = node.value.value
     cuda_major = str(info.get("cuda_version", "")).split(".")[0]
-    say(f"onnxruntime: {info.get('package_name')} {info.get('__version__')}, "
-        f"cuda_version = {info.get('cuda_version')!r} (onnxruntime/capi/build_and_package_info.py)")
+    say(
+        f"onnxruntime: {info.get('package_name')} {info.get('__version__')}, "
+        f"cuda_version = {info.get('cuda_version')!r} (onnxruntime/capi/build_and_package_info.py)"
+    )
     say(f"  build: {facts['ort']['build']}")
     say(f"  available providers: {', '.join(facts['ort']['providers'])}")
     if not cuda_major:
@@ -587,16 +602,22 @@ def check(venv: Path, bento: dict, bentofile: Path) -> int:
 
     # -- one CUDA source: the wheels
     if bento["docker"].get("cuda_version"):
-        problems.append(f"{bentofile.name} sets docker.cuda_version={bento['docker']['cuda_version']}: a second CUDA "
-                        "(the base image's) beside the nvidia wheels; remove it")
+        problems.append(
+            f"{bentofile.name} sets docker.cuda_version={bento['docker']['cuda_version']}: a second CUDA "
+            "(the base image's) beside the nvidia wheels; remove it"
+        )
     if "compute" not in bento["envs"].get("NVIDIA_DRIVER_CAPABILITIES", ""):
-        problems.append(f"{bentofile.name} does not set NVIDIA_DRIVER_CAPABILITIES to include compute: on an image "
-                        "not based on nvidia/cuda the container runtime then mounts no libcuda.so.1")
+        problems.append(
+            f"{bentofile.name} does not set NVIDIA_DRIVER_CAPABILITIES to include compute: on an image "
+            "not based on nvidia/cuda the container runtime then mounts no libcuda.so.1"
+        )
     ld_value, ld_dirs = image_ld_library_path(bento, site, problems)
     say(f"image LD_LIBRARY_PATH ({bentofile.name}): {ld_value or '(unset)'}")
     if not ld_value:
-        problems.append(f"{bentofile.name} sets no LD_LIBRARY_PATH: the provider (no RUNPATH) cannot find "
-                        "the nvidia wheels' libraries")
+        problems.append(
+            f"{bentofile.name} sets no LD_LIBRARY_PATH: the provider (no RUNPATH) cannot find "
+            "the nvidia wheels' libraries"
+        )
 
     # -- resolve, the loader's way
     owners = {}
@@ -657,8 +678,10 @@ def check(venv: Path, bento: dict, bentofile: Path) -> int:
                 want = res.loaded[name]
                 if (got and os.path.realpath(got)) != (want and os.path.realpath(want)):
                     disagree.append(f"{os.path.basename(path)}: {name}: ldd {got}, gpu-check {want}")
-        say(f"\nldd (the real dynamic loader), with the image's LD_LIBRARY_PATH: {checked} lookups, "
-            f"{len(disagree)} disagree")
+        say(
+            f"\nldd (the real dynamic loader), with the image's LD_LIBRARY_PATH: {checked} lookups, "
+            f"{len(disagree)} disagree"
+        )
         problems += [f"ldd disagrees: {d}" for d in disagree]
     else:
         say("\nldd not found: the loader cross-check is skipped")
@@ -669,10 +692,12 @@ def check(venv: Path, bento: dict, bentofile: Path) -> int:
     resolved = [n for n, p in res.loaded.items() if p]
     wheels = sorted({source_of(p, owners, site) for p in res.loaded.values() if p} - {"system"})
     say("")
-    say(f"onnxruntime-gpu {info.get('__version__')}: CUDA {cuda_major}, cuDNN {cudnn_major}; "
+    say(
+        f"onnxruntime-gpu {info.get('__version__')}: CUDA {cuda_major}, cuDNN {cudnn_major}; "
         f"{len(resolved)} libraries resolved, from {len(wheels)} wheels and the system; "
         f"missing: {', '.join(missing) or 'nothing'}"
-        + (" (the NVIDIA driver: only a GPU node has it)" if missing == [DRIVER] else ""))
+        + (" (the NVIDIA driver: only a GPU node has it)" if missing == [DRIVER] else "")
+    )
     if problems:
         say("gpu-check: FAILED")
         for p in problems:
@@ -687,10 +712,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--venv", default=".venv-gpu-check", help="the scratch venv (created or reused)")
     ap.add_argument("--bentofile", default=str(REPO / "deploy" / "bentofile-gpu.yaml"))
     ap.add_argument("--fresh", action="store_true", help="remove the scratch venv first")
-    ap.add_argument("--print-packages", action="store_true",
-                    help="print the GPU image's packages, one per line (pip install -r <(...)), and exit")
-    ap.add_argument("--print-ld-library-path", action="store_true",
-                    help="print the image's LD_LIBRARY_PATH mapped onto --venv, and exit")
+    ap.add_argument(
+        "--print-packages",
+        action="store_true",
+        help="print the GPU image's packages, one per line (pip install -r <(...)), and exit",
+    )
+    ap.add_argument(
+        "--print-ld-library-path",
+        action="store_true",
+        help="print the image's LD_LIBRARY_PATH mapped onto --venv, and exit",
+    )
     args = ap.parse_args(argv)
     bentofile = Path(args.bentofile)
     venv = Path(args.venv)

@@ -24,6 +24,8 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "tests" / "fixtures"
+
+
 def _labels(name: str) -> list[str]:
     """A model's labels, from its active version's metadata (through the manifest)."""
     manifest = json.loads((REPO / "exported" / "manifest.json").read_text())
@@ -93,8 +95,14 @@ class DeepServeUser(FastHttpUser):
 
     def _image(self, name: str, data: bytes, model: str, labels: list[str]):
         fields = {"model": model, "top_k": "3"}
-        self._checked(name, "POST", "/classify", lambda r: check_classification(r.json(), labels, 3),
-                      files={"image": ("x.png", data, "image/png")}, data=fields)  # fmt: skip
+        self._checked(
+            name,
+            "POST",
+            "/classify",
+            lambda r: check_classification(r.json(), labels, 3),
+            files={"image": ("x.png", data, "image/png")},
+            data=fields,
+        )
 
     @task(6)
     def classify_digit(self):
@@ -106,10 +114,14 @@ class DeepServeUser(FastHttpUser):
 
     @task(4)
     def classify_text(self):
-        self._checked("/classify text", "POST", "/classify",
-                      lambda r: check_classification(r.json(), LABELS["sentiment"], 2),
-                      data=json.dumps({"text": random.choice(SENTENCES)}),
-                      headers={"Content-Type": "application/json"})  # fmt: skip
+        self._checked(
+            "/classify text",
+            "POST",
+            "/classify",
+            lambda r: check_classification(r.json(), LABELS["sentiment"], 2),
+            data=json.dumps({"text": random.choice(SENTENCES)}),
+            headers={"Content-Type": "application/json"},
+        )
 
     @task(2)
     def generate(self):
@@ -120,9 +132,14 @@ class DeepServeUser(FastHttpUser):
             if png_size(base64.b64decode(body["images"][0])) != (28, 28):
                 raise BadBody("generated image is not 28x28")
 
-        self._checked("/generate n=16", "POST", "/generate", check,
-                      data=json.dumps({"n": 16, "digit": 7, "format": "json"}),
-                      headers={"Content-Type": "application/json"})  # fmt: skip
+        self._checked(
+            "/generate n=16",
+            "POST",
+            "/generate",
+            check,
+            data=json.dumps({"n": 16, "digit": 7, "format": "json"}),
+            headers={"Content-Type": "application/json"},
+        )
 
     @task(2)
     def compress_then_decompress(self):
@@ -132,8 +149,9 @@ class DeepServeUser(FastHttpUser):
                 raise BadBody("code length differs from 'bytes'")
             return body["code"]
 
-        code = self._checked("/compress", "POST", "/compress", check,
-                             files={"image": ("x.png", random.choice(MNIST), "image/png")})  # fmt: skip
+        code = self._checked(
+            "/compress", "POST", "/compress", check, files={"image": ("x.png", random.choice(MNIST), "image/png")}
+        )
         if code is None:
             return
 
@@ -141,8 +159,14 @@ class DeepServeUser(FastHttpUser):
             if png_size(r.content) != (28, 28):
                 raise BadBody("decompressed image is not 28x28")
 
-        self._checked("/decompress", "POST", "/decompress", check_png,
-                      data=json.dumps({"code": code}), headers={"Content-Type": "application/json"})  # fmt: skip
+        self._checked(
+            "/decompress",
+            "POST",
+            "/decompress",
+            check_png,
+            data=json.dumps({"code": code}),
+            headers={"Content-Type": "application/json"},
+        )
 
     @task(2)
     def denoise(self):
@@ -150,8 +174,9 @@ class DeepServeUser(FastHttpUser):
             if png_size(r.content) != (28, 28):
                 raise BadBody("denoised image is not 28x28")
 
-        self._checked("/denoise", "POST", "/denoise", check,
-                      files={"image": ("x.png", random.choice(MNIST), "image/png")})  # fmt: skip
+        self._checked(
+            "/denoise", "POST", "/denoise", check, files={"image": ("x.png", random.choice(MNIST), "image/png")}
+        )
 
 
 @events.init_command_line_parser.add_listener
@@ -178,5 +203,9 @@ def _judge(environment, **_kwargs):
     if problems:
         environment.process_exit_code = 1
     else:
-        log.info("thresholds met: fail ratio %.4f <= %s, every p95 <= %.0f ms",
-                 stats.total.fail_ratio, opts.max_fail_ratio, opts.max_p95_ms)  # fmt: skip
+        log.info(
+            "thresholds met: fail ratio %.4f <= %s, every p95 <= %.0f ms",
+            stats.total.fail_ratio,
+            opts.max_fail_ratio,
+            opts.max_p95_ms,
+        )

@@ -24,8 +24,10 @@ def steps(path: str) -> dict[int, dict[str, float]]:
     for users, rs in sorted(rows.items()):
         tail = rs[len(rs) // 2 :] or rs
         p95 = [float(r["95%"]) for r in tail if r["95%"] not in ("", "N/A")]
-        out[users] = {"rps": statistics.median(float(r["Requests/s"]) for r in tail),
-                      "p95_ms": statistics.median(p95) if p95 else float("nan")}  # fmt: skip
+        out[users] = {
+            "rps": statistics.median(float(r["Requests/s"]) for r in tail),
+            "p95_ms": statistics.median(p95) if p95 else float("nan"),
+        }
     return out
 
 

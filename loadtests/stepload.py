@@ -7,7 +7,6 @@ requests/s stopped growing.
 """
 
 from locust import LoadTestShape
-
 from locustfile import DeepServeUser  # noqa: F401  (the users this shape drives)
 
 

@@ -80,14 +80,30 @@ class Response:
 
 def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
-    return Response(status, body, "application/json", [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()])
+    return Response(
+        status, body, "application/json", [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    )
 
 
 class Request:
     """One HTTP request as the handlers see it (a thin, allocation-light view of the scope)."""
 
-    __slots__ = ("scope", "receive", "method", "path", "_headers", "id", "trace", "start", "timings",
-                 "endpoint", "cancelled", "app", "settings", "_alive")  # fmt: skip
+    __slots__ = (
+        "scope",
+        "receive",
+        "method",
+        "path",
+        "_headers",
+        "id",
+        "trace",
+        "start",
+        "timings",
+        "endpoint",
+        "cancelled",
+        "app",
+        "settings",
+        "_alive",
+    )
 
     def __init__(self, app: App, scope, receive):
         self.app, self.scope, self.receive = app, scope, receive
@@ -140,7 +156,9 @@ class Request:
             if not declared.isdigit():
                 raise ApiError(400, "Content-Length is not a number", "bad_header")
             if int(declared) > limit:
-                raise ApiError(413, f"request body is {int(declared)} bytes; the limit is {limit}", "too_large", limit=limit)
+                raise ApiError(
+                    413, f"request body is {int(declared)} bytes; the limit is {limit}", "too_large", limit=limit
+                )
         chunks, size, idle = [], 0, self.settings.body_idle_timeout_s
         loop = asyncio.get_running_loop()
         try:
@@ -153,14 +171,17 @@ class Request:
                     if chunk:
                         size += len(chunk)
                         if size > limit:
-                            raise ApiError(413, f"request body is over the {limit}-byte limit", "too_large", limit=limit)
+                            raise ApiError(
+                                413, f"request body is over the {limit}-byte limit", "too_large", limit=limit
+                            )
                         chunks.append(chunk)
                     if not message.get("more_body", False):
                         break
                     timer.reschedule(loop.time() + idle)
         except TimeoutError:
-            raise ApiError(408, f"the request body made no progress for {idle:g} s ({size} bytes received)",
-                           "body_timeout") from None  # fmt: skip
+            raise ApiError(
+                408, f"the request body made no progress for {idle:g} s ({size} bytes received)", "body_timeout"
+            ) from None
         self.timings["read"] = time.perf_counter() - started
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
@@ -178,8 +199,9 @@ class Request:
         async def replay():
             yield body
 
-        parser = MultiPartParser(Headers(scope=self.scope), replay(), max_files=max_files, max_fields=16,
-                                 max_part_size=64 * 1024)  # fmt: skip
+        parser = MultiPartParser(
+            Headers(scope=self.scope), replay(), max_files=max_files, max_fields=16, max_part_size=64 * 1024
+        )
         try:
             form = await parser.parse()
         except MultiPartException as exc:
@@ -207,8 +229,12 @@ class Request:
         uploads = [images.probe(data, label, s.max_image_pixels) for data, label in zip(files, labels)]
         total = sum(u.pixels for u in uploads)
         if total > s.max_request_pixels:
-            raise ApiError(413, f"the images hold {total} pixels together; the limit per request is "
-                                f"{s.max_request_pixels}", "too_many_pixels", limit=s.max_request_pixels)  # fmt: skip
+            raise ApiError(
+                413,
+                f"the images hold {total} pixels together; the limit per request is {s.max_request_pixels}",
+                "too_many_pixels",
+                limit=s.max_request_pixels,
+            )
         started = time.perf_counter()
         if total <= INLINE_PIXELS:
             arrays = [images.decode(u, invert) for u in uploads]
@@ -275,7 +301,9 @@ class App:
     def bind(self, core: Core, drain=None) -> None:
         self.core, self.drain = core, drain
 
-    def add(self, path: str, handler: Handler, methods=("GET",), model_work: bool = False, endpoint: str | None = None) -> None:
+    def add(
+        self, path: str, handler: Handler, methods=("GET",), model_work: bool = False, endpoint: str | None = None
+    ) -> None:
         self.routes[path] = Route(endpoint or path, tuple(methods), handler, model_work)
 
     def add_prefix(self, prefix: str, match: Callable[[str], tuple[Route, dict] | None]) -> None:
@@ -340,11 +368,17 @@ class App:
     async def dispatch(self, req: Request, route: Route | None, params: dict | None) -> Response | None:
         try:
             if route is None:
-                raise ApiError(404, f"no such path {shown(req.path, 100)}; the API is described at /docs.json", "unrouted")
+                raise ApiError(
+                    404, f"no such path {shown(req.path, 100)}; the API is described at /docs.json", "unrouted"
+                )
             req.endpoint = route.endpoint
             if req.method not in route.methods and not (req.method == "HEAD" and "GET" in route.methods):
-                raise ApiError(405, f"{req.method} is not allowed on {route.endpoint}; use {', '.join(route.methods)}",
-                               "wrong_method", allow=", ".join(route.methods))  # fmt: skip
+                raise ApiError(
+                    405,
+                    f"{req.method} is not allowed on {route.endpoint}; use {', '.join(route.methods)}",
+                    "wrong_method",
+                    allow=", ".join(route.methods),
+                )
             if not route.model_work:
                 return await (route.handler(req, **params) if params else route.handler(req))
             return await self.model_work(req, route, params)
@@ -379,8 +413,9 @@ class App:
         self.check_api_key(req)
         if self.in_flight >= s.max_concurrency:
             # shed before reading the body: queueing past this only makes every client later
-            raise ApiError(503, f"deepserve is at capacity ({s.max_concurrency} requests in flight); retry shortly",
-                           "at_capacity")  # fmt: skip
+            raise ApiError(
+                503, f"deepserve is at capacity ({s.max_concurrency} requests in flight); retry shortly", "at_capacity"
+            )
         try:
             async with asyncio.timeout(s.request_timeout_s):
                 return await (route.handler(req, **params) if params else route.handler(req))
@@ -416,8 +451,11 @@ class App:
     # -------------------------------------------------------------- sending
 
     async def send(self, req: Request, resp: Response, send) -> None:
-        headers = [(b"content-type", resp.media_type.encode()), (b"content-length", str(len(resp.body)).encode()),
-                   (b"x-request-id", req.id.encode())]  # fmt: skip
+        headers = [
+            (b"content-type", resp.media_type.encode()),
+            (b"content-length", str(len(resp.body)).encode()),
+            (b"x-request-id", req.id.encode()),
+        ]
         if resp.headers:
             headers += resp.headers
         if req.trace is not None:
@@ -426,7 +464,9 @@ class App:
         total = time.perf_counter() - req.start
         if req.timings:
             req.timings["total"] = total
-            headers.append((b"server-timing", ", ".join(f"{k};dur={v * 1000:.2f}" for k, v in req.timings.items()).encode()))
+            headers.append(
+                (b"server-timing", ", ".join(f"{k};dur={v * 1000:.2f}" for k, v in req.timings.items()).encode())
+            )
         if self.drain is not None and self.drain.draining:
             headers.append((b"connection", b"close"))  # a pooled client then opens a new connection elsewhere
         await send({"type": "http.response.start", "status": resp.status, "headers": headers})
@@ -456,8 +496,13 @@ def build_app(core: Core | None = None, settings: Settings | None = None, fallba
         return app
     from starlette.middleware.cors import CORSMiddleware
 
-    cors = CORSMiddleware(app, allow_origins=origins, allow_methods=["GET", "POST"], allow_headers=["*"],
-                          expose_headers=["X-Request-ID", "Server-Timing", "X-Seed", "X-Digits", "X-Model-Version"])  # fmt: skip
+    cors = CORSMiddleware(
+        app,
+        allow_origins=origins,
+        allow_methods=["GET", "POST"],
+        allow_headers=["*"],
+        expose_headers=["X-Request-ID", "Server-Timing", "X-Seed", "X-Digits", "X-Model-Version"],
+    )
     cors.deepserve = app  # so the service can bind the core to the inner app
     return cors
 

@@ -61,9 +61,17 @@ class CostModel:
 
 
 class Batcher:
-    def __init__(self, name: str, fn: Callable[[list[Any]], list[Any]], *, executor: concurrent.futures.Executor,
-                 enabled: bool = True, max_batch_size: int = 64, max_latency_ms: float = 2000,
-                 on_batch: Callable[[str, int, int, float], None] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        name: str,
+        fn: Callable[[list[Any]], list[Any]],
+        *,
+        executor: concurrent.futures.Executor,
+        enabled: bool = True,
+        max_batch_size: int = 64,
+        max_latency_ms: float = 2000,
+        on_batch: Callable[[str, int, int, float], None] | None = None,
+    ):
         self.name, self.fn, self.executor = name, fn, executor
         self.max_batch_size = max_batch_size if enabled else 1
         self.max_latency_s = max_latency_ms / 1000

@@ -56,8 +56,10 @@ def load_family(directory: Path, manifest: Manifest, family: str, version: str, 
             raise ModelLoadError(f"model {name!r} has no version {version!r} in the manifest")
         model = load_model(directory, name, files, device, threads)
         if model.task != entry.task or model.family != family or model.version != version:
-            raise ModelLoadError(f"model {name!r}: metadata says task {model.task!r}, family {model.family!r}, "
-                                 f"version {model.version!r}; the manifest says {entry.task!r}, {family!r}, {version!r}")  # fmt: skip
+            raise ModelLoadError(
+                f"model {name!r}: metadata says task {model.task!r}, family {model.family!r}, "
+                f"version {model.version!r}; the manifest says {entry.task!r}, {family!r}, {version!r}"
+            )
         try:
             TASKS[model.task].check(model)
         except ValueError as exc:
@@ -86,8 +88,10 @@ def check_smoke(folder: Path, model: Model) -> None:
     for name, expected in want.items():
         diff = float(np.max(np.abs(got[name].astype(np.float64) - expected))) if name in got else float("inf")
         if not diff <= smoke.atol:
-            raise ModelLoadError(f"model {model.name!r}: smoke set output {name!r} differs by {diff:.3g} "
-                                 f"(tolerance {smoke.atol:g}): this file does not compute what it was evaluated as")  # fmt: skip
+            raise ModelLoadError(
+                f"model {model.name!r}: smoke set output {name!r} differs by {diff:.3g} "
+                f"(tolerance {smoke.atol:g}): this file does not compute what it was evaluated as"
+            )
 
 
 def load_all(directory: Path, device: str = "cpu", threads: int = 1) -> tuple[Manifest, dict[str, Loaded]]:
@@ -96,7 +100,9 @@ def load_all(directory: Path, device: str = "cpu", threads: int = 1) -> tuple[Ma
         manifest = read_manifest(directory)
     except MetadataError as exc:
         raise ModelLoadError(str(exc)) from None
-    return manifest, {f: load_family(directory, manifest, f, e.active, device, threads) for f, e in manifest.families.items()}
+    return manifest, {
+        f: load_family(directory, manifest, f, e.active, device, threads) for f, e in manifest.families.items()
+    }
 
 
 def load_models(directory: Path, device: str = "cpu", threads: int = 1) -> dict[str, Model]:
@@ -121,13 +127,21 @@ class Core:
             self.active[family] = loaded
         # decoding large images: off the event loop, as many threads as this process may use
         self.decode_pool = concurrent.futures.ThreadPoolExecutor(
-            settings.decode_threads or usable_cores(), thread_name_prefix="decode")
+            settings.decode_threads or usable_cores(), thread_name_prefix="decode"
+        )
         self.decode_backlog = 0  # pixels submitted to the pool and not yet decoded
         for loaded in self.active.values():
             for model in loaded.models.values():
                 metrics.model_served(model, 1)
-                log.info("model %s %s (%s) on %s%s, %d ORT threads", model.name, model.version, model.task,
-                         model.provider, f" ({model.provider_reason})" if model.provider_reason else "", self.threads)  # fmt: skip
+                log.info(
+                    "model %s %s (%s) on %s%s, %d ORT threads",
+                    model.name,
+                    model.version,
+                    model.task,
+                    model.provider,
+                    f" ({model.provider_reason})" if model.provider_reason else "",
+                    self.threads,
+                )
 
     # ------------------------------------------------------------------ lookup
 
@@ -157,7 +171,9 @@ class Core:
         if version is not None and version != loaded.version:
             prev = self.previous.get(entry.family)
             if prev is None or prev.version != version:
-                raise NotServed(f"model {name!r} has no loaded version {version!r}; loaded: {self.loaded_versions(name)}")
+                raise NotServed(
+                    f"model {name!r} has no loaded version {version!r}; loaded: {self.loaded_versions(name)}"
+                )
             loaded = prev
         return loaded.models[name], loaded.batchers[name]
 
@@ -178,11 +194,17 @@ class Core:
             model.on_batch = metrics.observe_batch
             task = TASKS[model.task]
             executor = self.executors.setdefault(
-                name, concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"ort-{name}"))
+                name, concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"ort-{name}")
+            )
             loaded.batchers[name] = Batcher(
-                name, functools.partial(_execute, task, model, s.max_batch_rows), executor=executor,
-                enabled=s.batching, max_batch_size=s.max_batch_size, max_latency_ms=s.max_latency_ms,
-                on_batch=metrics.observe_requests)  # fmt: skip
+                name,
+                functools.partial(_execute, task, model, s.max_batch_rows),
+                executor=executor,
+                enabled=s.batching,
+                max_batch_size=s.max_batch_size,
+                max_latency_ms=s.max_latency_ms,
+                on_batch=metrics.observe_requests,
+            )
 
     async def warmup(self, loaded: list[Loaded] | None = None) -> None:
         """Run every model through its batcher on dummy input (ORT's first runs are slow, and
@@ -191,7 +213,9 @@ class Core:
             for name, model in fam.models.items():
                 task, batcher = TASKS[model.task], fam.batchers[name]
                 for wave in (1, 4, 12):
-                    await asyncio.gather(*(batcher.submit(j, j.rows) for j in (task.warmup(model) for _ in range(wave))))
+                    await asyncio.gather(
+                        *(batcher.submit(j, j.rows) for j in (task.warmup(model) for _ in range(wave)))
+                    )
         if loaded is None:
             # everything allocated so far (BentoML, ORT sessions, metadata) lives for the whole
             # process: keep it out of the collector's generations so its pauses stay short

@@ -80,16 +80,22 @@ def explain_load_error(error: str, ort_dir: Path, cuda_major: str) -> str:
     missing = error.split(":", 1)[0].strip() if "cannot open shared object file" in error else ""
     missing = os.path.basename(missing)
     if missing == DRIVER:
-        hint = ("the NVIDIA driver's library: no GPU on this host, or the container was started "
-                "without it (--gpus / the nvidia.com/gpu resource, NVIDIA_DRIVER_CAPABILITIES=compute)")
+        hint = (
+            "the NVIDIA driver's library: no GPU on this host, or the container was started "
+            "without it (--gpus / the nvidia.com/gpu resource, NVIDIA_DRIVER_CAPABILITIES=compute)"
+        )
     elif missing and missing not in (PROVIDER, SHARED):
         copy = _installed_copy(missing, ort_dir)
         if copy:
-            hint = (f"installed at {copy} but not on the library path: set LD_LIBRARY_PATH as "
-                    "deploy/bentofile-gpu.yaml does, or call onnxruntime.preload_dlls() first")
+            hint = (
+                f"installed at {copy} but not on the library path: set LD_LIBRARY_PATH as "
+                "deploy/bentofile-gpu.yaml does, or call onnxruntime.preload_dlls() first"
+            )
         else:
-            hint = (f"not installed: install the CUDA {cuda_major or '?'} and cuDNN wheels "
-                    "pinned in deploy/bentofile-gpu.yaml")
+            hint = (
+                f"not installed: install the CUDA {cuda_major or '?'} and cuDNN wheels "
+                "pinned in deploy/bentofile-gpu.yaml"
+            )
     else:
         hint = "the onnxruntime-gpu installation is broken; reinstall it"
     return f"CUDA provider cannot load: {error} ({hint})"
@@ -110,8 +116,9 @@ def _loaded_path(soname: str) -> str | None:
 
 def _probe_device(cudart: str, timeout: float) -> str | None:
     try:
-        out = subprocess.run([sys.executable, "-c", _DEVICE_PROBE, cudart], capture_output=True,
-                             text=True, timeout=timeout)  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, "-c", _DEVICE_PROBE, cudart], capture_output=True, text=True, timeout=timeout
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"CUDA libraries load, but the device probe failed: {exc}"
     if out.returncode != 0:
@@ -123,12 +130,14 @@ def _probe_device(cudart: str, timeout: float) -> str | None:
     if count == "0":
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         return "CUDA libraries load, but no CUDA device is visible" + (
-            f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else "")
+            f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
+        )
     return None
 
 
-def cuda_unavailable_reason(ort_dir: Path | None = None, probe_device: bool = True,
-                            timeout: float = 60.0) -> str | None:
+def cuda_unavailable_reason(
+    ort_dir: Path | None = None, probe_device: bool = True, timeout: float = 60.0
+) -> str | None:
     """Why ONNX Runtime's CUDA provider cannot run here, in one human line naming the library
     that failed, e.g. "CUDA provider cannot load: libcublasLt.so.13: cannot open shared object
     file: No such file or directory (...)". None when every library loads and a CUDA device

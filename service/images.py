@@ -14,7 +14,7 @@ import io
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from service import preprocessing as pp
 from service.errors import ApiError
@@ -47,7 +47,9 @@ def probe(data: bytes, label: str, max_pixels: int) -> Upload:
         img = Image.open(io.BytesIO(data), formats=FORMATS)
     except UnidentifiedImageError:
         if data.startswith(MAGIC):
-            raise ApiError(400, f"{label} is truncated or corrupt: its header cannot be read", "corrupt_image") from None
+            raise ApiError(
+                400, f"{label} is truncated or corrupt: its header cannot be read", "corrupt_image"
+            ) from None
         raise ApiError(415, f"{label} is not a supported image ({', '.join(FORMATS)})", "not_an_image") from None
     except Exception as exc:  # Pillow raises many types for hostile headers
         raise ApiError(400, f"{label} could not be read: {type(exc).__name__}", "corrupt_image") from None
@@ -55,8 +57,12 @@ def probe(data: bytes, label: str, max_pixels: int) -> Upload:
     if width <= 0 or height <= 0:
         raise ApiError(400, f"{label} has no pixels", "corrupt_image")
     if width * height > max_pixels:
-        raise ApiError(413, f"{label} is {width}×{height} = {width * height} pixels; the limit is {max_pixels}",
-                       "too_many_pixels", limit=max_pixels)  # fmt: skip
+        raise ApiError(
+            413,
+            f"{label} is {width}×{height} = {width * height} pixels; the limit is {max_pixels}",
+            "too_many_pixels",
+            limit=max_pixels,
+        )
     return Upload(label, img, width * height)
 
 
@@ -71,5 +77,6 @@ def decode(upload: Upload, invert: str) -> np.ndarray:
     except ApiError:
         raise
     except Exception as exc:
-        raise ApiError(400, f"{upload.label} is truncated or corrupt ({img.format}: {type(exc).__name__})",
-                       "corrupt_image") from None  # fmt: skip
+        raise ApiError(
+            400, f"{upload.label} is truncated or corrupt ({img.format}: {type(exc).__name__})", "corrupt_image"
+        ) from None

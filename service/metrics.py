@@ -28,7 +28,7 @@ def worker_index() -> str:
         from bentoml._internal.context import server_context
 
         return str(server_context.worker_index or 0)
-    except Exception:  # noqa: BLE001 (BentoML not initialised: in-process tests, tools)
+    except Exception:
         return "0"
 
 
@@ -39,39 +39,61 @@ def get() -> SimpleNamespace:
 
     return SimpleNamespace(
         requests=prom.Counter(
-            "deepserve_http_requests", "HTTP requests answered, by endpoint (route template) and status",
-            ["endpoint", "code"]),
+            "deepserve_http_requests",
+            "HTTP requests answered, by endpoint (route template) and status",
+            ["endpoint", "code"],
+        ),
         duration=prom.Histogram(
-            "deepserve_http_request_duration_seconds", "time from the request's arrival to its last byte sent",
-            ["endpoint", "code"], buckets=REQUEST_BUCKETS),
+            "deepserve_http_request_duration_seconds",
+            "time from the request's arrival to its last byte sent",
+            ["endpoint", "code"],
+            buckets=REQUEST_BUCKETS,
+        ),
         stage=prom.Histogram(
-            "deepserve_stage_seconds", "where a model request's time goes (the stages of Server-Timing)",
-            ["endpoint", "stage"], buckets=SECONDS_BUCKETS),
+            "deepserve_stage_seconds",
+            "where a model request's time goes (the stages of Server-Timing)",
+            ["endpoint", "stage"],
+            buckets=SECONDS_BUCKETS,
+        ),
         inference_seconds=prom.Histogram(
-            "deepserve_inference_seconds", "ONNX Runtime time per executed batch",
-            ["model"], buckets=SECONDS_BUCKETS),
+            "deepserve_inference_seconds", "ONNX Runtime time per executed batch", ["model"], buckets=SECONDS_BUCKETS
+        ),
         batch_rows=prom.Histogram(
-            "deepserve_batch_rows", "rows (images, texts, latents) per executed ONNX batch",
-            ["model"], buckets=ROWS_BUCKETS),
+            "deepserve_batch_rows",
+            "rows (images, texts, latents) per executed ONNX batch",
+            ["model"],
+            buckets=ROWS_BUCKETS,
+        ),
         batch_requests=prom.Histogram(
-            "deepserve_batch_requests", "HTTP requests merged into one executed batch",
-            ["model"], buckets=ROWS_BUCKETS),
+            "deepserve_batch_requests", "HTTP requests merged into one executed batch", ["model"], buckets=ROWS_BUCKETS
+        ),
         rejected=prom.Counter(
-            "deepserve_rejected_requests", "requests answered with an error (or abandoned by their client), "
-            "by endpoint and reason", ["endpoint", "reason"]),
+            "deepserve_rejected_requests",
+            "requests answered with an error (or abandoned by their client), by endpoint and reason",
+            ["endpoint", "reason"],
+        ),
         confidence=prom.Histogram(
-            "deepserve_prediction_confidence", "top-1 probability of each classification",
-            ["model"], buckets=CONFIDENCE_BUCKETS),
+            "deepserve_prediction_confidence",
+            "top-1 probability of each classification",
+            ["model"],
+            buckets=CONFIDENCE_BUCKETS,
+        ),
         ood=prom.Counter(
-            "deepserve_predictions", "classifications by model and whether the input looked like the "
-            "training data (in_distribution true/false)", ["model", "in_distribution"]),
+            "deepserve_predictions",
+            "classifications by model and whether the input looked like the training data (in_distribution true/false)",
+            ["model", "in_distribution"],
+        ),
         model_info=prom.Gauge(
-            "deepserve_model_info", "1 for every model version a worker serves (0 once it stops), with its "
-            "provider; `reason` says why CUDA was not used", ["model", "version", "provider", "reason", "worker"],
-            multiprocess_mode="mostrecent"),
+            "deepserve_model_info",
+            "1 for every model version a worker serves (0 once it stops), with its "
+            "provider; `reason` says why CUDA was not used",
+            ["model", "version", "provider", "reason", "worker"],
+            multiprocess_mode="mostrecent",
+        ),
         swaps=prom.Counter(
-            "deepserve_model_swaps", "model version changes attempted, by family and outcome", ["family", "outcome"]),
-    )  # fmt: skip
+            "deepserve_model_swaps", "model version changes attempted, by family and outcome", ["family", "outcome"]
+        ),
+    )
 
 
 def observe_batch(model: str, rows: int, seconds: float) -> None:
@@ -89,6 +111,6 @@ def reject(endpoint: str, reason: str) -> None:
 
 
 def model_served(model, value: int) -> None:
-    get().model_info.labels(model.name, model.version, model.provider, (model.provider_reason or "")[:120],
-                            worker_index()).set(value)  # fmt: skip
-
+    get().model_info.labels(
+        model.name, model.version, model.provider, (model.provider_reason or "")[:120], worker_index()
+    ).set(value)

@@ -27,8 +27,10 @@ IMAGE_TYPES = "image/png, image/jpeg, image/gif, image/bmp, image/webp, image/ti
 
 
 def errors(*codes: int) -> dict:
-    return {str(c): {"description": ERROR_TEXT[c], "content": {"application/json": {"schema": ERROR}}}
-            for c in sorted({*codes, 401, 503, 504})}  # fmt: skip
+    return {
+        str(c): {"description": ERROR_TEXT[c], "content": {"application/json": {"schema": ERROR}}}
+        for c in sorted({*codes, 401, 503, 504})
+    }
 
 
 def model_names(core, task: Task) -> list[str]:
@@ -41,9 +43,13 @@ def common_fields(core, task: Task) -> dict:
     model = {"type": "string", "description": f"which model of task {task.name} (default: {default})"}
     if names:
         model["enum"] = names
-    return {"model": model,
-            "model_version": {"type": "string", "description": "pin a loaded version (GET /models lists them); "
-                              "404 names the loaded ones otherwise"}}  # fmt: skip
+    return {
+        "model": model,
+        "model_version": {
+            "type": "string",
+            "description": "pin a loaded version (GET /models lists them); 404 names the loaded ones otherwise",
+        },
+    }
 
 
 def request_body(settings: Settings, core, by_body: dict[str, Task]) -> dict:
@@ -75,60 +81,139 @@ def ok_response(by_body: dict[str, Task]) -> dict:
 def document(settings: Settings, core=None) -> dict:
     paths: dict[str, Any] = {}
     for path, by_body in routes().items():
-        codes = {400, 404, 408, 413, 415} | ({422} if any("reject_ood" in t.fields for t in by_body.values()) else set())
-        paths[path] = {"post": {
-            "summary": "; ".join(t.summary for t in by_body.values()),
-            "description": " ".join(f"`{t.name}` ({'JSON' if t.body == 'json' else 'multipart/form-data'})"
-                                    for t in by_body.values()),
-            "requestBody": request_body(settings, core, by_body),
-            "responses": {"200": ok_response(by_body), **errors(*codes)}}}  # fmt: skip
-    paths["/models"] = {"get": {
-        "summary": "Every served model: versions, sha256, signature, metrics, execution provider, trust settings",
-        "responses": {"200": {"description": "the registry", "content": {"application/json": {
-            "schema": {"type": "object", "required": ["models", "provider"]}}}}, **errors()}}}  # fmt: skip
+        codes = {400, 404, 408, 413, 415} | (
+            {422} if any("reject_ood" in t.fields for t in by_body.values()) else set()
+        )
+        paths[path] = {
+            "post": {
+                "summary": "; ".join(t.summary for t in by_body.values()),
+                "description": " ".join(
+                    f"`{t.name}` ({'JSON' if t.body == 'json' else 'multipart/form-data'})" for t in by_body.values()
+                ),
+                "requestBody": request_body(settings, core, by_body),
+                "responses": {"200": ok_response(by_body), **errors(*codes)},
+            }
+        }
+    paths["/models"] = {
+        "get": {
+            "summary": "Every served model: versions, sha256, signature, metrics, execution provider, trust settings",
+            "responses": {
+                "200": {
+                    "description": "the registry",
+                    "content": {"application/json": {"schema": {"type": "object", "required": ["models", "provider"]}}},
+                },
+                **errors(),
+            },
+        }
+    }
     for probe in ("/livez", "/healthz", "/readyz"):
-        paths[probe] = {"get": {"summary": f"BentoML {probe[1:]} probe", "responses": {
-            "200": {"description": "OK", "content": {"text/plain": {"schema": {"type": "string"}}}},
-            "503": {"description": "not ready/alive", "content": {"text/plain": {"schema": {"type": "string"}}}}}}}
+        paths[probe] = {
+            "get": {
+                "summary": f"BentoML {probe[1:]} probe",
+                "responses": {
+                    "200": {"description": "OK", "content": {"text/plain": {"schema": {"type": "string"}}}},
+                    "503": {
+                        "description": "not ready/alive",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    },
+                },
+            }
+        }
     from service import v2
 
     paths.update(v2.openapi_paths(settings, core))
-    return {"openapi": "3.0.3",
-            "info": {"title": "deepserve", "version": "0.2.0",
-                     "description": "Digits, fashion and sentiment classifiers, a digit generator, an image codec and "
-                                    "a denoiser, on ONNX Runtime behind BentoML. Also speaks the Open Inference "
-                                    "Protocol (KServe v2 / Triton) under /v2."},
-            "paths": paths, "components": {"schemas": SCHEMAS}}  # fmt: skip
+    return {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "deepserve",
+            "version": "0.2.0",
+            "description": "Digits, fashion and sentiment classifiers, a digit generator, an image codec and "
+            "a denoiser, on ONNX Runtime behind BentoML. Also speaks the Open Inference "
+            "Protocol (KServe v2 / Triton) under /v2.",
+        },
+        "paths": paths,
+        "components": {"schemas": SCHEMAS},
+    }
 
 
-CLASSIFICATION = {"type": "object", "required": ["model", "model_version", "label", "index", "confidence", "top_k"],
-    "properties": {"model": {"type": "string"}, "model_version": {"type": "string"}, "label": {"type": "string"},
-        "index": {"type": "integer"}, "confidence": {"type": "number", "minimum": 0, "maximum": 1},
-        "top_k": {"type": "array", "items": {"type": "object", "required": ["label", "index", "probability"],
-            "properties": {"label": {"type": "string"}, "index": {"type": "integer"},
-                           "probability": {"type": "number", "minimum": 0, "maximum": 1}}}},
+CLASSIFICATION = {
+    "type": "object",
+    "required": ["model", "model_version", "label", "index", "confidence", "top_k"],
+    "properties": {
+        "model": {"type": "string"},
+        "model_version": {"type": "string"},
+        "label": {"type": "string"},
+        "index": {"type": "integer"},
+        "confidence": {"type": "number", "minimum": 0, "maximum": 1},
+        "top_k": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["label", "index", "probability"],
+                "properties": {
+                    "label": {"type": "string"},
+                    "index": {"type": "integer"},
+                    "probability": {"type": "number", "minimum": 0, "maximum": 1},
+                },
+            },
+        },
         "ood_score": {"type": "number", "description": "images: higher = less like the training data"},
-        "unknown_token_rate": {"type": "number", "minimum": 0, "maximum": 1,
-                               "description": "texts: share of words the model does not know"},
-        "in_distribution": {"type": "boolean", "description": "false: do not trust this answer; the input "
-                            "looks unlike what the model was trained on"}}}  # fmt: skip
+        "unknown_token_rate": {
+            "type": "number",
+            "minimum": 0,
+            "maximum": 1,
+            "description": "texts: share of words the model does not know",
+        },
+        "in_distribution": {
+            "type": "boolean",
+            "description": "false: do not trust this answer; the input looks unlike what the model was trained on",
+        },
+    },
+}
 SCHEMAS = {
-    "Error": {"type": "object", "required": ["error", "status"], "properties": {
-        "error": {"type": "string"}, "status": {"type": "integer"}, "request_id": {"type": "string"},
-        "limit": {"type": "number"}}},
+    "Error": {
+        "type": "object",
+        "required": ["error", "status"],
+        "properties": {
+            "error": {"type": "string"},
+            "status": {"type": "integer"},
+            "request_id": {"type": "string"},
+            "limit": {"type": "number"},
+        },
+    },
     "Classification": CLASSIFICATION,
-    "ClassificationResult": {"oneOf": [
-        {"$ref": "#/components/schemas/Classification"},
-        {"type": "object", "required": ["results"], "properties": {
-            "results": {"type": "array", "items": {"$ref": "#/components/schemas/Classification"}}}}]},
-    "Generated": {"type": "object", "required": ["images", "seed", "digits"], "properties": {
-        "images": {"type": "array", "items": {"type": "string", "format": "byte"}},
-        "seed": {"type": "integer"}, "digits": {"type": "array", "items": {"type": "integer"}},
-        "model_version": {"type": "string"}}},
-    "Code": {"type": "object", "required": ["code", "bytes", "original_bytes", "ratio", "model_version"], "properties": {
-        "code": {"type": "string", "format": "byte"}, "bytes": {"type": "integer"},
-        "original_bytes": {"type": "integer"}, "ratio": {"type": "number"}, "model_version": {"type": "string"}}},
-}  # fmt: skip
+    "ClassificationResult": {
+        "oneOf": [
+            {"$ref": "#/components/schemas/Classification"},
+            {
+                "type": "object",
+                "required": ["results"],
+                "properties": {"results": {"type": "array", "items": {"$ref": "#/components/schemas/Classification"}}},
+            },
+        ]
+    },
+    "Generated": {
+        "type": "object",
+        "required": ["images", "seed", "digits"],
+        "properties": {
+            "images": {"type": "array", "items": {"type": "string", "format": "byte"}},
+            "seed": {"type": "integer"},
+            "digits": {"type": "array", "items": {"type": "integer"}},
+            "model_version": {"type": "string"},
+        },
+    },
+    "Code": {
+        "type": "object",
+        "required": ["code", "bytes", "original_bytes", "ratio", "model_version"],
+        "properties": {
+            "code": {"type": "string", "format": "byte"},
+            "bytes": {"type": "integer"},
+            "original_bytes": {"type": "integer"},
+            "ratio": {"type": "number"},
+            "model_version": {"type": "string"},
+        },
+    },
+}
 
 
 def bentoml_schema(settings: Settings, core=None) -> dict:
@@ -141,16 +226,26 @@ def bentoml_schema(settings: Settings, core=None) -> dict:
             props = {**props, **common_fields(core, task)}
             if kind == "multipart":  # the client sends a property as a file when its type is "file"
                 image = props["image"]
-                props["image"] = {"type": "array", "items": {"type": "file", "format": "image"}} \
-                    if image.get("type") == "array" else {"type": "file", "format": "image"}  # fmt: skip
+                props["image"] = (
+                    {"type": "array", "items": {"type": "file", "format": "image"}}
+                    if image.get("type") == "array"
+                    else {"type": "file", "format": "image"}
+                )
             if task.response == "png":
                 props.pop("format", None)  # the client expects what the schema says: the PNG
                 output = {"type": "file", "format": "image", "pil": True, "content_type": "image/png"}
             else:
                 output = {"type": "object"}
-            out.append({"name": task.client_method, "route": path, "doc": task.summary,
-                        "input": {"type": "object", "properties": props, "required": required},
-                        "output": output, "is_task": False})  # fmt: skip
+            out.append(
+                {
+                    "name": task.client_method,
+                    "route": path,
+                    "doc": task.summary,
+                    "input": {"type": "object", "properties": props, "required": required},
+                    "output": output,
+                    "is_task": False,
+                }
+            )
     return {"name": "deepserve", "type": "service", "routes": out}
 
 

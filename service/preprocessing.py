@@ -204,9 +204,7 @@ def unpack_codes(blobs: Sequence[bytes], dim: int, bits: int) -> np.ndarray:
 # --------------------------------------------------------------------------- generator
 
 
-def sample_latents(
-    n: int, dim: int, seed: int, digit: int | None = None
-) -> tuple[np.ndarray, np.ndarray]:
+def sample_latents(n: int, dim: int, seed: int, digit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Seeded generator inputs: z (n, dim) float32 ~ N(0, 1), digits (n,) int64.
 
     A fixed digit repeats it n times; None draws digits uniformly from the same stream,

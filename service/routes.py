@@ -47,8 +47,11 @@ def install(app) -> None:
 
     async def static(req, name: str):
         path = files[name]
-        headers = [(b"cache-control", b"public, max-age=300"), (b"content-security-policy", CSP.encode()),
-                   (b"x-content-type-options", b"nosniff")]  # fmt: skip
+        headers = [
+            (b"cache-control", b"public, max-age=300"),
+            (b"content-security-policy", CSP.encode()),
+            (b"x-content-type-options", b"nosniff"),
+        ]
         media = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         if media.startswith("text/") or media in ("application/javascript",):
             media += "; charset=utf-8"
@@ -97,26 +100,45 @@ def registry(app) -> dict:
     for name, model in core.models.items():
         meta, task = model.meta, TASKS[model.task]
         family = core.manifest.families[model.family]
-        info = {"name": name, "task": model.task, "family": model.family, "version": model.version,
-                "versions": {"active": family.active, "previous": family.previous,
-                             "loaded": core.loaded_versions(name), "available": core.manifest.family_versions(model.family)},
-                "default_for_task": core.manifest.default_for(model.task) == name,
-                "sha256": meta.sha256, "provider": model.provider, "provider_reason": model.provider_reason or None,
-                "inputs": [i.model_dump() for i in meta.inputs], "outputs": [o.model_dump() for o in meta.outputs],
-                "preprocessing": meta.preprocessing.model_dump(), "metrics": meta.metrics,
-                "meets_bars": meta.meets_bars, "trained_with": meta.training.command}  # fmt: skip
+        info = {
+            "name": name,
+            "task": model.task,
+            "family": model.family,
+            "version": model.version,
+            "versions": {
+                "active": family.active,
+                "previous": family.previous,
+                "loaded": core.loaded_versions(name),
+                "available": core.manifest.family_versions(model.family),
+            },
+            "default_for_task": core.manifest.default_for(model.task) == name,
+            "sha256": meta.sha256,
+            "provider": model.provider,
+            "provider_reason": model.provider_reason or None,
+            "inputs": [i.model_dump() for i in meta.inputs],
+            "outputs": [o.model_dump() for o in meta.outputs],
+            "preprocessing": meta.preprocessing.model_dump(),
+            "metrics": meta.metrics,
+            "meets_bars": meta.meets_bars,
+            "trained_with": meta.training.command,
+        }
         info.update(task.describe(model))
         cal, ood = getattr(meta, "calibration", None), getattr(meta, "ood", None)
         if cal is not None or ood is not None:
-            info["trust"] = {"temperature": cal.temperature if cal else None,
-                             "ood_method": ood.method if ood else None,
-                             "ood_threshold": ood.threshold if ood else None,
-                             "baseline_ood_rate": ood.baseline_ood_rate if ood else None}  # fmt: skip
+            info["trust"] = {
+                "temperature": cal.temperature if cal else None,
+                "ood_method": ood.method if ood else None,
+                "ood_threshold": ood.threshold if ood else None,
+                "baseline_ood_rate": ood.baseline_ood_rate if ood else None,
+            }
         listing.append(info)
-    return {"models": listing, "device": s.device, "provider": core.provider,
-            "defaults": {t: core.manifest.default_for(t) for t in TASKS if core.names_for(t)},
-            "batching": {"enabled": s.batching, "max_batch_size": s.max_batch_size,
-                         "max_latency_ms": s.max_latency_ms}}  # fmt: skip
+    return {
+        "models": listing,
+        "device": s.device,
+        "provider": core.provider,
+        "defaults": {t: core.manifest.default_for(t) for t in TASKS if core.names_for(t)},
+        "batching": {"enabled": s.batching, "max_batch_size": s.max_batch_size, "max_latency_ms": s.max_latency_ms},
+    }
 
 
 def model_handler(app, path: str, by_body: dict[str, Task]):
@@ -128,8 +150,11 @@ def model_handler(app, path: str, by_body: dict[str, Task]):
         task = by_body.get(kind)
         if task is None:
             if len(by_body) > 1:
-                raise ApiError(415, "send an image as multipart/form-data (field 'image') or text as JSON "
-                                    '{"text": "..."}', "wrong_content_type")  # fmt: skip
+                raise ApiError(
+                    415,
+                    'send an image as multipart/form-data (field \'image\') or text as JSON {"text": "..."}',
+                    "wrong_content_type",
+                )
             raise ApiError(415, WRONG_TYPE[next(iter(by_body))], "wrong_content_type")
         s, core = app.settings, app.core
         if kind == "json":
@@ -139,14 +164,20 @@ def model_handler(app, path: str, by_body: dict[str, Task]):
             body = Body("json", payload)
             unknown = sorted(set(payload) - task.fields - COMMON_FIELDS)
             if unknown:
-                raise ApiError(400, f"unknown field(s) {shown(unknown, 80)}; allowed: {sorted(task.fields | COMMON_FIELDS)}",
-                               "unknown_field")  # fmt: skip
+                raise ApiError(
+                    400,
+                    f"unknown field(s) {shown(unknown, 80)}; allowed: {sorted(task.fields | COMMON_FIELDS)}",
+                    "unknown_field",
+                )
         else:
             files, fields = await req.form(s.max_body_bytes, max_files=s.max_images)
             unknown = sorted(set(fields) - task.fields - COMMON_FIELDS)
             if unknown:
-                raise ApiError(400, f"unknown field {shown(unknown[0])}; allowed: {sorted({'image', *task.fields, *COMMON_FIELDS})}",
-                               "unknown_field")  # fmt: skip
+                raise ApiError(
+                    400,
+                    f"unknown field {shown(unknown[0])}; allowed: {sorted({'image', *task.fields, *COMMON_FIELDS})}",
+                    "unknown_field",
+                )
             body = Body("multipart", fields, files)
         model, batcher = resolve(core, task, by_body, body.fields)
         batcher.admit(1)  # shed before decoding anything when the model's queue is already too long
@@ -162,8 +193,12 @@ def model_handler(app, path: str, by_body: dict[str, Task]):
         if isinstance(answer.content, dict):
             resp = json_response(answer.content, answer.status, answer.headers)
         else:
-            resp = Response(answer.status, answer.content, answer.media_type,
-                            [(k.lower().encode(), v.encode()) for k, v in answer.headers.items()])  # fmt: skip
+            resp = Response(
+                answer.status,
+                answer.content,
+                answer.media_type,
+                [(k.lower().encode(), v.encode()) for k, v in answer.headers.items()],
+            )
         req.timings["encode"] = time.perf_counter() - started
         return resp
 
@@ -185,7 +220,9 @@ def resolve(core, task: Task, by_body: dict[str, Task], fields: dict):
         if entry is not None and others and entry.task == others[0].name:
             hint = " (text goes as JSON)" if others[0].body == "json" else " (images go as multipart/form-data)"
         choices = core.names_for(task.name)
-        raise ApiError(400, f"model {shown(name)} does not serve {task.name}; choose one of {choices}{hint}", "unknown_model")
+        raise ApiError(
+            400, f"model {shown(name)} does not serve {task.name}; choose one of {choices}{hint}", "unknown_model"
+        )
     version = fields.get("model_version")
     if version is not None:
         version = str_field(version, "model_version")

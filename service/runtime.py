@@ -140,8 +140,10 @@ def session_options(threads: int) -> ort.SessionOptions:
 
 def check_signature(name: str, meta: Metadata, session: ort.InferenceSession) -> None:
     """The ONNX file's inputs and outputs must be exactly the ones its metadata declares."""
-    for kind, specs, actual in (("inputs", meta.inputs, session.get_inputs()),
-                                ("outputs", meta.outputs, session.get_outputs())):  # fmt: skip
+    for kind, specs, actual in (
+        ("inputs", meta.inputs, session.get_inputs()),
+        ("outputs", meta.outputs, session.get_outputs()),
+    ):
         got = [(a.name, a.type, len(a.shape)) for a in actual]
         want = [(s.name, ORT_TYPES[s.dtype], len(s.shape)) for s in specs]
         if got != want:

@@ -98,7 +98,10 @@ def warn_if_open(s: Settings) -> None:
         finally:
             sock.detach()
         if not ipaddress.ip_address(host).is_loopback:
-            log.warning("listening on %s with no API key: every model endpoint is open to anyone who can reach "
-                        "this port; set DEEPSERVE_API_KEY or DEEPSERVE_API_KEY_FILE", host)  # fmt: skip
+            log.warning(
+                "listening on %s with no API key: every model endpoint is open to anyone who can reach "
+                "this port; set DEEPSERVE_API_KEY or DEEPSERVE_API_KEY_FILE",
+                host,
+            )
     except (OSError, ValueError):
         pass

@@ -21,33 +21,81 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DEEPSERVE_", extra="forbid")
 
     exported_dir: Path = Field(REPO / "exported", description="folder with manifest.json and the ONNX models")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when it really loads, else CPU; cuda: fail if it does not")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto: CUDA when it really loads, else CPU; cuda: fail if it does not"
+    )
     workers: int = Field(1, ge=1, le=64, description="BentoML worker processes")
     threads: int = Field(0, ge=0, le=64, description="ONNX Runtime intra-op threads per session; 0 = cores / workers")
     batching: bool = Field(True, description="adaptive batching on every model path (off: one request per ONNX run)")
     max_batch_size: int = Field(64, ge=2, le=1024, description="most requests merged into one ONNX run")
-    max_latency_ms: int = Field(2000, ge=10, le=60000, description="batcher sheds (503) requests it predicts will wait longer")
-    max_batch_rows: int = Field(512, ge=1, le=8192, description="most rows (images, texts) per ONNX run; larger batches are split")
+    max_latency_ms: int = Field(
+        2000, ge=10, le=60000, description="batcher sheds (503) requests it predicts will wait longer"
+    )
+    max_batch_rows: int = Field(
+        512, ge=1, le=8192, description="most rows (images, texts) per ONNX run; larger batches are split"
+    )
     request_timeout_s: float = Field(30.0, gt=0, le=600, description="a request still running after this gets 504")
-    max_concurrency: int = Field(128, ge=1, le=100000, description="model requests in flight per worker; more are answered 503 at once")
+    max_concurrency: int = Field(
+        128, ge=1, le=100000, description="model requests in flight per worker; more are answered 503 at once"
+    )
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
-    max_image_pixels: int = Field(16_000_000, ge=784, description="larger images (width × height, read from the header) get 413")
-    max_request_pixels: int = Field(32_000_000, ge=784, description="most decoded pixels (all images of one request together, from their headers) before 413")
-    decode_threads: int = Field(0, ge=0, le=64, description="threads that decode large images off the event loop; 0 = the cores this process may use")
-    decode_backlog_pixels: int = Field(64_000_000, ge=784, description="pixels waiting for a decode thread, past which large-image requests get 503")
-    body_idle_timeout_s: float = Field(5.0, gt=0, le=600, description="a request body that makes no progress for this long gets 408")
-    keep_alive_s: int = Field(65, ge=1, le=3600, description="idle keep-alive connections are closed after this; longer than clients' and load balancers' idle timeouts, so the server never closes a connection a client is about to reuse")
-    graceful_shutdown_s: int = Field(10, ge=1, le=600, description="after the drain, how long uvicorn waits for the last connections before closing them")
-    shed_hold_ms: int = Field(200, ge=0, le=5000, description="overload 503s are held this long before they are sent, so clients that retry at once cannot spin")
+    max_image_pixels: int = Field(
+        16_000_000, ge=784, description="larger images (width × height, read from the header) get 413"
+    )
+    max_request_pixels: int = Field(
+        32_000_000,
+        ge=784,
+        description="most decoded pixels (all images of one request together, from their headers) before 413",
+    )
+    decode_threads: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="threads that decode large images off the event loop; 0 = the cores this process may use",
+    )
+    decode_backlog_pixels: int = Field(
+        64_000_000, ge=784, description="pixels waiting for a decode thread, past which large-image requests get 503"
+    )
+    body_idle_timeout_s: float = Field(
+        5.0, gt=0, le=600, description="a request body that makes no progress for this long gets 408"
+    )
+    keep_alive_s: int = Field(
+        65,
+        ge=1,
+        le=3600,
+        description="idle keep-alive connections are closed after this; longer than clients' and load balancers' idle timeouts, so the server never closes a connection a client is about to reuse",
+    )
+    graceful_shutdown_s: int = Field(
+        10,
+        ge=1,
+        le=600,
+        description="after the drain, how long uvicorn waits for the last connections before closing them",
+    )
+    shed_hold_ms: int = Field(
+        200,
+        ge=0,
+        le=5000,
+        description="overload 503s are held this long before they are sent, so clients that retry at once cannot spin",
+    )
     max_images: int = Field(64, ge=1, le=1024, description="most images in one /classify request")
     max_texts: int = Field(64, ge=1, le=1024, description="most texts in one /classify request")
-    max_text_chars: int = Field(20_000, ge=1, description="longer texts get 413; texts are tokenized then cut to the model's max_tokens")
+    max_text_chars: int = Field(
+        20_000, ge=1, description="longer texts get 413; texts are tokenized then cut to the model's max_tokens"
+    )
     max_generate: int = Field(64, ge=1, le=1024, description="largest n for /generate")
-    api_key: str = Field("", description="if set, every model endpoint needs header `Authorization: Bearer <key>` or `X-API-Key`")
-    api_key_file: Path | None = Field(None, description="file holding the API key (a mounted Secret); wins over DEEPSERVE_API_KEY; surrounding whitespace is stripped")
+    api_key: str = Field(
+        "", description="if set, every model endpoint needs header `Authorization: Bearer <key>` or `X-API-Key`"
+    )
+    api_key_file: Path | None = Field(
+        None,
+        description="file holding the API key (a mounted Secret); wins over DEEPSERVE_API_KEY; surrounding whitespace is stripped",
+    )
     cors_origins: str = Field("", description="comma-separated origins allowed by CORS; empty = CORS off")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="deepserve's own log level")
-    access_log: bool = Field(False, description="BentoML's per-request access log lines (off: they cost throughput; metrics count every request)")
+    access_log: bool = Field(
+        False,
+        description="BentoML's per-request access log lines (off: they cost throughput; metrics count every request)",
+    )
 
     @model_validator(mode="after")
     def _key_from_file(self):

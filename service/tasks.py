@@ -162,9 +162,14 @@ def _classification(model: Model, probs: np.ndarray, top_k: int) -> dict:
     order = np.argsort(-probs, kind="stable")[: min(top_k, len(labels))]
     best = int(order[0])
     metrics.get().confidence.labels(model.name).observe(float(probs[best]))
-    return {"model": model.name, "model_version": model.version, "label": labels[best], "index": best,
-            "confidence": round(float(probs[best]), 6),
-            "top_k": [{"label": labels[i], "index": int(i), "probability": round(float(probs[i]), 6)} for i in order]}  # fmt: skip
+    return {
+        "model": model.name,
+        "model_version": model.version,
+        "label": labels[best],
+        "index": best,
+        "confidence": round(float(probs[best]), 6),
+        "top_k": [{"label": labels[i], "index": int(i), "probability": round(float(probs[i]), 6)} for i in order],
+    }
 
 
 def _count_ood(model: Model, results: list[dict]) -> None:
@@ -186,9 +191,13 @@ def _reject_ood(results: list[dict], many: bool, score: str) -> None:
     bad = [(i, r) for i, r in enumerate(results) if r.get("in_distribution") is False]
     if bad:
         names = [f"{'input #' + str(i + 1) if many else 'the input'} ({score} {r[score]:.3g})" for i, r in bad[:16]]
-        raise ApiError(422, f"out of distribution: {', '.join(names)}; the model was not trained on inputs like "
-                            "these (send reject_ood=false to get labels anyway)", "out_of_distribution",
-                       out_of_distribution=[i for i, _ in bad])  # fmt: skip
+        raise ApiError(
+            422,
+            f"out of distribution: {', '.join(names)}; the model was not trained on inputs like "
+            "these (send reject_ood=false to get labels anyway)",
+            "out_of_distribution",
+            out_of_distribution=[i for i, _ in bad],
+        )
 
 
 @register
@@ -248,15 +257,23 @@ class ImageClassification(Task):
     client_method, response_schema = "classify", "ClassificationResult"
 
     def properties(self, s, models):
-        return {"image": {"type": "array", "items": IMAGE_FILE, "minItems": 1, "maxItems": s.max_images},
-                "top_k": {"type": "integer", "minimum": 1, "maximum": 10, "default": 3},
-                "reject_ood": REJECT_OOD}, ["image"]  # fmt: skip
+        return {
+            "image": {"type": "array", "items": IMAGE_FILE, "minItems": 1, "maxItems": s.max_images},
+            "top_k": {"type": "integer", "minimum": 1, "maximum": 10, "default": 3},
+            "reject_ood": REJECT_OOD,
+        }, ["image"]
 
 
-IMAGE_FILE = {"type": "string", "format": "binary",
-              "description": "PNG, JPEG, GIF, BMP, WebP or TIFF; grey or colour; any size up to the pixel limits"}  # fmt: skip
-REJECT_OOD = {"type": "boolean", "default": False,
-              "description": "answer 422 instead of labels when any input looks unlike the training data"}  # fmt: skip
+IMAGE_FILE = {
+    "type": "string",
+    "format": "binary",
+    "description": "PNG, JPEG, GIF, BMP, WebP or TIFF; grey or colour; any size up to the pixel limits",
+}
+REJECT_OOD = {
+    "type": "boolean",
+    "default": False,
+    "description": "answer 422 instead of labels when any input looks unlike the training data",
+}
 
 
 @register
@@ -313,8 +330,12 @@ class TextClassification(Task):
             label = f"texts[{i}]" if many else "text"
             str_field(text, label)
             if len(text) > s.max_text_chars:
-                raise ApiError(413, f"{label} is {len(text)} characters; the limit is {s.max_text_chars}",
-                               "text_too_long", limit=s.max_text_chars)  # fmt: skip
+                raise ApiError(
+                    413,
+                    f"{label} is {len(text)} characters; the limit is {s.max_text_chars}",
+                    "text_too_long",
+                    limit=s.max_text_chars,
+                )
             if not text.strip():
                 raise ApiError(400, f"{label} is empty or only whitespace", "empty_text")
         top_k = int_field(payload.get("top_k"), "top_k", 1, 10, default=2)
@@ -334,8 +355,12 @@ class TextClassification(Task):
 
     def properties(self, s, models):
         text = {"type": "string", "minLength": 1, "maxLength": s.max_text_chars, "pattern": r"\S"}
-        return {"text": text, "texts": {"type": "array", "minItems": 1, "maxItems": s.max_texts, "items": text},
-                "top_k": {"type": "integer", "minimum": 1, "maximum": 10, "default": 2}, "reject_ood": REJECT_OOD}, []  # fmt: skip
+        return {
+            "text": text,
+            "texts": {"type": "array", "minItems": 1, "maxItems": s.max_texts, "items": text},
+            "top_k": {"type": "integer", "minimum": 1, "maximum": 10, "default": 2},
+            "reject_ood": REJECT_OOD,
+        }, []
 
 
 # --------------------------------------------------------------------------- generation
@@ -381,11 +406,20 @@ class ConditionalGeneration(Task):
     def answer(self, model: Model, job: Job, images: np.ndarray) -> Answer:
         info = job.info
         if info["format"] == "json":
-            return Answer({"images": [base64.b64encode(pp.png_bytes(im)).decode() for im in images],
-                           "seed": info["seed"], "digits": info["digits"].tolist(), "model_version": model.version})  # fmt: skip
+            return Answer(
+                {
+                    "images": [base64.b64encode(pp.png_bytes(im)).decode() for im in images],
+                    "seed": info["seed"],
+                    "digits": info["digits"].tolist(),
+                    "model_version": model.version,
+                }
+            )
         cols = math.ceil(math.sqrt(len(images)))
-        headers = {"X-Seed": str(info["seed"]), "X-Digits": ",".join(map(str, info["digits"])),
-                   "X-Model-Version": model.version}  # fmt: skip
+        headers = {
+            "X-Seed": str(info["seed"]),
+            "X-Digits": ",".join(map(str, info["digits"])),
+            "X-Model-Version": model.version,
+        }
         return Answer(pp.png_bytes(pp.grid(images, cols=cols)), "image/png", headers)
 
     def describe(self, model: Model) -> dict:
@@ -395,12 +429,23 @@ class ConditionalGeneration(Task):
     response_schema = "Generated"
 
     def properties(self, s, models):
-        return {"n": {"type": "integer", "minimum": 1, "maximum": s.max_generate, "default": 16},
-                "digit": {"type": "integer", "minimum": 0, "maximum": 9, "nullable": True,
-                          "description": "the digit to draw; null or absent: a random digit per image"},
-                "seed": {"type": "integer", "minimum": 0, "maximum": MAX_SEED,
-                         "description": "the same n, digit and seed always give byte-identical images"},
-                "format": {"type": "string", "enum": ["png", "json"], "default": "png"}}, []  # fmt: skip
+        return {
+            "n": {"type": "integer", "minimum": 1, "maximum": s.max_generate, "default": 16},
+            "digit": {
+                "type": "integer",
+                "minimum": 0,
+                "maximum": 9,
+                "nullable": True,
+                "description": "the digit to draw; null or absent: a random digit per image",
+            },
+            "seed": {
+                "type": "integer",
+                "minimum": 0,
+                "maximum": MAX_SEED,
+                "description": "the same n, digit and seed always give byte-identical images",
+            },
+            "format": {"type": "string", "enum": ["png", "json"], "default": "png"},
+        }, []
 
 
 # --------------------------------------------------------------------------- codec and denoiser
@@ -445,8 +490,15 @@ class Compression(_OneImage):
 
     def answer(self, model: Model, job: Job, codes: list[bytes]) -> Answer:
         n, size = len(codes[0]), pp.IMAGE_SIZE * pp.IMAGE_SIZE
-        return Answer({"code": base64.b64encode(codes[0]).decode(), "bytes": n, "original_bytes": size,
-                       "ratio": round(size / n, 2), "model_version": model.version})  # fmt: skip
+        return Answer(
+            {
+                "code": base64.b64encode(codes[0]).decode(),
+                "bytes": n,
+                "original_bytes": size,
+                "ratio": round(size / n, 2),
+                "model_version": model.version,
+            }
+        )
 
     def describe(self, model: Model) -> dict:
         return {"codec": model.meta.codec.model_dump(), "pair": model.meta.pair}
@@ -481,7 +533,9 @@ class Decompression(Task):
             raise ApiError(400, "code must be a base64 string (as returned by /compress)", "bad_field")
         n = model.meta.codec.bytes
         if len(code) > 4 * n:
-            raise ApiError(400, f"code is too long: a code is {n} bytes ({4 * math.ceil(n / 3)} base64 characters)", "bad_code")
+            raise ApiError(
+                400, f"code is too long: a code is {n} bytes ({4 * math.ceil(n / 3)} base64 characters)", "bad_code"
+            )
         try:
             raw = base64.b64decode(code, validate=True)
         except (binascii.Error, ValueError):
@@ -499,7 +553,9 @@ class Decompression(Task):
     client_method, response = "decompress", "png"
 
     def properties(self, s, models):
-        return {"code": {"type": "string", "format": "byte", "description": "base64 of the code from /compress"}}, ["code"]
+        return {"code": {"type": "string", "format": "byte", "description": "base64 of the code from /compress"}}, [
+            "code"
+        ]
 
 
 @register

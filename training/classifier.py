@@ -43,16 +43,24 @@ class CNN(nn.Module):
 
         def block(c_in: int, c_out: int) -> nn.Sequential:
             return nn.Sequential(
-                nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
-                nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(),
+                nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+                nn.BatchNorm2d(c_out),
+                nn.ReLU(),
+                nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
+                nn.BatchNorm2d(c_out),
+                nn.ReLU(),
                 nn.MaxPool2d(2),
-            )  # fmt: skip
+            )
 
         self.features = nn.Sequential(block(1, w), block(w, 2 * w), block(2 * w, 4 * w))
         self.head = nn.Sequential(
-            nn.Flatten(), nn.Dropout(cfg.dropout), nn.Linear(4 * w * 3 * 3, 256), nn.ReLU(),
-            nn.Dropout(cfg.dropout), nn.Linear(256, 10),
-        )  # fmt: skip
+            nn.Flatten(),
+            nn.Dropout(cfg.dropout),
+            nn.Linear(4 * w * 3 * 3, 256),
+            nn.ReLU(),
+            nn.Dropout(cfg.dropout),
+            nn.Linear(256, 10),
+        )
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         # image: (B, 1, 28, 28) normalised -> logits (B, 10)
@@ -114,18 +122,34 @@ def train(cfg: Config, family: str) -> common.Trained:
     labels_out = data.DIGIT_LABELS if cfg.dataset == "mnist" else data.FASHION_LABELS
     test_images, _ = data.load_images(cfg.dataset, "test", data_dir, cfg.download)
     spec = ExportSpec(
-        name=family, task="image-classification",
+        name=family,
+        task="image-classification",
         inputs={"image": pp.normalize(pp.scale_pixels(test_images[:64]), mean, std)[:, None]},
-        outputs=["logits"], dynamic_axes={},
-        preprocessing={"kind": "image", "size": pp.IMAGE_SIZE, "scale": "pixels/255",
-                       "mean": mean, "std": std, "invert": "auto"},
+        outputs=["logits"],
+        dynamic_axes={},
+        preprocessing={
+            "kind": "image",
+            "size": pp.IMAGE_SIZE,
+            "scale": "pixels/255",
+            "mean": mean,
+            "std": std,
+            "invert": "auto",
+        },
         extra={"labels": labels_out},
-    )  # fmt: skip
-    training_meta = {"command": common.training_command(family, cfg), "seed": cfg.seed,
-                     "epochs": epochs, "best_val_acc": best[0], "seconds": round(progress.seconds, 1),
-                     "date": common.today(), "config": vars(cfg) | {"data_dir": ""},
-                     "dataset": {"name": "MNIST" if cfg.dataset == "mnist" else "Fashion-MNIST",
-                                 "files": data.dataset_checksums(data.IMAGE_DATASETS[cfg.dataset])}}  # fmt: skip
+    )
+    training_meta = {
+        "command": common.training_command(family, cfg),
+        "seed": cfg.seed,
+        "epochs": epochs,
+        "best_val_acc": best[0],
+        "seconds": round(progress.seconds, 1),
+        "date": common.today(),
+        "config": vars(cfg) | {"data_dir": ""},
+        "dataset": {
+            "name": "MNIST" if cfg.dataset == "mnist" else "Fashion-MNIST",
+            "files": data.dataset_checksums(data.IMAGE_DATASETS[cfg.dataset]),
+        },
+    }
     return common.Trained([(model, spec)], training_meta, progress.history)
 
 

@@ -1,8 +1,8 @@
 """`python -m training <family> [flags]`: flags come from the family's Config dataclass.
 
-    python -m training --list                 the families (training.families)
-    python -m training digits --epochs 2      train, export a new version, make it active
-    python -m training digits --inactive      ... but leave the active version alone (make publish)
+python -m training --list                 the families (training.families)
+python -m training digits --epochs 2      train, export a new version, make it active
+python -m training digits --inactive      ... but leave the active version alone (make publish)
 """
 
 from __future__ import annotations
@@ -26,14 +26,16 @@ def parse(argv: list[str]):
     if argv[:1] == ["--list"]:
         print(" ".join(FAMILIES))
         raise SystemExit(0)
-    top = argparse.ArgumentParser(prog="python -m training", description=__doc__,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    top = argparse.ArgumentParser(
+        prog="python -m training", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     top.add_argument("family", choices=list(FAMILIES))
     known, _ = top.parse_known_args(argv[:1])
     family = FAMILIES[known.family]
     cfg = family.config()
-    p = argparse.ArgumentParser(prog=f"python -m training {family.name}",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog=f"python -m training {family.name}", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     for f in dataclasses.fields(cfg):
         flag, default = "--" + f.name.replace("_", "-"), getattr(cfg, f.name)
         help_ = _HELP.get(f.name, f.name.replace("_", " "))
@@ -41,8 +43,11 @@ def parse(argv: list[str]):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_)
         else:
             p.add_argument(flag, type=type(default), default=default, help=help_)
-    p.add_argument("--inactive", action="store_true",
-                   help="export the new version without making it active (make publish; load it with the admin API)")
+    p.add_argument(
+        "--inactive",
+        action="store_true",
+        help="export the new version without making it active (make publish; load it with the admin API)",
+    )
     values = vars(p.parse_args(argv[1:]))
     inactive = values.pop("inactive")
     return family, dataclasses.replace(cfg, **values), inactive

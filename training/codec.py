@@ -39,13 +39,19 @@ class Encoder(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(1, 32, 4, 2, 1), nn.ReLU(),  # 14×14
-            nn.Conv2d(32, 64, 4, 2, 1), nn.ReLU(),  # 7×7
-            nn.Flatten(), nn.Linear(64 * 7 * 7, 256), nn.ReLU(),
+            nn.Conv2d(1, 32, 4, 2, 1),
+            nn.ReLU(),  # 14×14
+            nn.Conv2d(32, 64, 4, 2, 1),
+            nn.ReLU(),  # 7×7
+            nn.Flatten(),
+            nn.Linear(64 * 7 * 7, 256),
+            nn.ReLU(),
             # BatchNorm keeps every latent spread over the sigmoid's range: without it the
             # latents saturate at 1 within a few hundred steps and the codec collapses
-            nn.Linear(256, cfg.latent_dim), nn.BatchNorm1d(cfg.latent_dim), nn.Sigmoid(),
-        )  # fmt: skip
+            nn.Linear(256, cfg.latent_dim),
+            nn.BatchNorm1d(cfg.latent_dim),
+            nn.Sigmoid(),
+        )
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         # image: (B, 1, 28, 28) in [0, 1] -> latent (B, D) in [0, 1]
@@ -55,14 +61,17 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
-        self.fc = nn.Sequential(nn.Linear(cfg.latent_dim, 256), nn.ReLU(),
-                                nn.Linear(256, 64 * 7 * 7), nn.ReLU())  # fmt: skip
+        self.fc = nn.Sequential(nn.Linear(cfg.latent_dim, 256), nn.ReLU(), nn.Linear(256, 64 * 7 * 7), nn.ReLU())
         self.net = nn.Sequential(
-            nn.ConvTranspose2d(64, 32, 4, 2, 1), nn.ReLU(),  # 14×14
-            nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
-            nn.ConvTranspose2d(32, 16, 4, 2, 1), nn.ReLU(),  # 28×28
-            nn.Conv2d(16, 1, 3, padding=1), nn.Sigmoid(),
-        )  # fmt: skip
+            nn.ConvTranspose2d(64, 32, 4, 2, 1),
+            nn.ReLU(),  # 14×14
+            nn.Conv2d(32, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.ConvTranspose2d(32, 16, 4, 2, 1),
+            nn.ReLU(),  # 28×28
+            nn.Conv2d(16, 1, 3, padding=1),
+            nn.Sigmoid(),
+        )
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         # latent: (B, D) dequantized, in [0, 1] -> image (B, 1, 28, 28) in [0, 1]
@@ -118,23 +127,41 @@ def train(cfg: Config, family: str) -> common.Trained:
     x_test = pp.scale_pixels(test_images[:64])[:, None]
     with torch.no_grad():
         latent = enc(torch.from_numpy(x_test)).numpy()
-    codec = {"latent_dim": cfg.latent_dim, "bits": cfg.bits,
-             "bytes": pp.code_bytes(cfg.latent_dim, cfg.bits),
-             "packing": "service.preprocessing.pack_codes (big-endian bit planes)"}  # fmt: skip
-    training_meta = {"command": common.training_command(family, cfg), "seed": cfg.seed,
-                     "epochs": epochs, "best_val_psnr": best[0], "seconds": round(progress.seconds, 1),
-                     "date": common.today(), "config": vars(cfg) | {"data_dir": ""},
-                     "dataset": {"name": "MNIST", "files": data.dataset_checksums("mnist")}}  # fmt: skip
+    codec = {
+        "latent_dim": cfg.latent_dim,
+        "bits": cfg.bits,
+        "bytes": pp.code_bytes(cfg.latent_dim, cfg.bits),
+        "packing": "service.preprocessing.pack_codes (big-endian bit planes)",
+    }
+    training_meta = {
+        "command": common.training_command(family, cfg),
+        "seed": cfg.seed,
+        "epochs": epochs,
+        "best_val_psnr": best[0],
+        "seconds": round(progress.seconds, 1),
+        "date": common.today(),
+        "config": vars(cfg) | {"data_dir": ""},
+        "dataset": {"name": "MNIST", "files": data.dataset_checksums("mnist")},
+    }
     image_pre = {"kind": "image", "size": pp.IMAGE_SIZE, "scale": "pixels/255", "invert": "none"}
     enc_spec = ExportSpec(
-        name="encoder", task="image-compression-encoder", inputs={"image": x_test},
-        outputs=["latent"], dynamic_axes={}, preprocessing=image_pre,
-        extra={"codec": codec, "pair": "decoder"})  # fmt: skip
+        name="encoder",
+        task="image-compression-encoder",
+        inputs={"image": x_test},
+        outputs=["latent"],
+        dynamic_axes={},
+        preprocessing=image_pre,
+        extra={"codec": codec, "pair": "decoder"},
+    )
     dec_spec = ExportSpec(
-        name="decoder", task="image-compression-decoder",
+        name="decoder",
+        task="image-compression-decoder",
         inputs={"latent": pp.dequantize(pp.quantize(latent, cfg.bits), cfg.bits)},
-        outputs=["image"], dynamic_axes={}, preprocessing={"kind": "latent-code"},
-        extra={"codec": codec, "pair": "encoder"})  # fmt: skip
+        outputs=["image"],
+        dynamic_axes={},
+        preprocessing={"kind": "latent-code"},
+        extra={"codec": codec, "pair": "encoder"},
+    )
     return common.Trained([(enc, enc_spec), (dec, dec_spec)], training_meta, progress.history)
 
 

@@ -37,22 +37,82 @@ _GLUE_SST2_ZIP = "https://dl.fbaipublicfiles.com/glue/data/SST-2.zip"
 FILES: dict[str, DataFile] = {
     f.name: f
     for f in [
-        DataFile("mnist/train-images-idx3-ubyte.gz", 9912422, "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609", _MNIST_URL + "train-images-idx3-ubyte.gz"),
-        DataFile("mnist/train-labels-idx1-ubyte.gz", 28881, "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c", _MNIST_URL + "train-labels-idx1-ubyte.gz"),
-        DataFile("mnist/t10k-images-idx3-ubyte.gz", 1648877, "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6", _MNIST_URL + "t10k-images-idx3-ubyte.gz"),
-        DataFile("mnist/t10k-labels-idx1-ubyte.gz", 4542, "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6", _MNIST_URL + "t10k-labels-idx1-ubyte.gz"),
-        DataFile("fashion-mnist/train-images-idx3-ubyte.gz", 26421880, "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84", _FASHION_URL + "train-images-idx3-ubyte.gz"),
-        DataFile("fashion-mnist/train-labels-idx1-ubyte.gz", 29515, "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845", _FASHION_URL + "train-labels-idx1-ubyte.gz"),
-        DataFile("fashion-mnist/t10k-images-idx3-ubyte.gz", 4422102, "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073", _FASHION_URL + "t10k-images-idx3-ubyte.gz"),
-        DataFile("fashion-mnist/t10k-labels-idx1-ubyte.gz", 5148, "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5", _FASHION_URL + "t10k-labels-idx1-ubyte.gz"),
-        DataFile("sst2/train.tsv", 3806081, "48eac26399f8456935f81dd9e3a745c1430adb6c62e233ccfe22db4a0d15d1d1", _GLUE_SST2_ZIP + "#SST-2/train.tsv"),
-        DataFile("sst2/dev.tsv", 94931, "54a9c12c77e402fc14d6a66a506f24d999f596b0176eb777c972cccc2f9cc4b0", _GLUE_SST2_ZIP + "#SST-2/dev.tsv"),
+        DataFile(
+            "mnist/train-images-idx3-ubyte.gz",
+            9912422,
+            "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",
+            _MNIST_URL + "train-images-idx3-ubyte.gz",
+        ),
+        DataFile(
+            "mnist/train-labels-idx1-ubyte.gz",
+            28881,
+            "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",
+            _MNIST_URL + "train-labels-idx1-ubyte.gz",
+        ),
+        DataFile(
+            "mnist/t10k-images-idx3-ubyte.gz",
+            1648877,
+            "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",
+            _MNIST_URL + "t10k-images-idx3-ubyte.gz",
+        ),
+        DataFile(
+            "mnist/t10k-labels-idx1-ubyte.gz",
+            4542,
+            "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",
+            _MNIST_URL + "t10k-labels-idx1-ubyte.gz",
+        ),
+        DataFile(
+            "fashion-mnist/train-images-idx3-ubyte.gz",
+            26421880,
+            "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",
+            _FASHION_URL + "train-images-idx3-ubyte.gz",
+        ),
+        DataFile(
+            "fashion-mnist/train-labels-idx1-ubyte.gz",
+            29515,
+            "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",
+            _FASHION_URL + "train-labels-idx1-ubyte.gz",
+        ),
+        DataFile(
+            "fashion-mnist/t10k-images-idx3-ubyte.gz",
+            4422102,
+            "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",
+            _FASHION_URL + "t10k-images-idx3-ubyte.gz",
+        ),
+        DataFile(
+            "fashion-mnist/t10k-labels-idx1-ubyte.gz",
+            5148,
+            "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",
+            _FASHION_URL + "t10k-labels-idx1-ubyte.gz",
+        ),
+        DataFile(
+            "sst2/train.tsv",
+            3806081,
+            "48eac26399f8456935f81dd9e3a745c1430adb6c62e233ccfe22db4a0d15d1d1",
+            _GLUE_SST2_ZIP + "#SST-2/train.tsv",
+        ),
+        DataFile(
+            "sst2/dev.tsv",
+            94931,
+            "54a9c12c77e402fc14d6a66a506f24d999f596b0176eb777c972cccc2f9cc4b0",
+            _GLUE_SST2_ZIP + "#SST-2/dev.tsv",
+        ),
     ]
 }
 
 IMAGE_DATASETS = {"mnist": "mnist", "fashion": "fashion-mnist"}
-FASHION_LABELS = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                  "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]  # fmt: skip
+FASHION_LABELS = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 DIGIT_LABELS = [str(d) for d in range(10)]
 
 
@@ -91,7 +151,7 @@ def download(data_dir: Path, spec: DataFile) -> Path:
     """Fetch one canonical file into data_dir and verify it (users with internet only)."""
     url, _, member = spec.url.partition("#")
     print(f"downloading {url}", flush=True)
-    with urllib.request.urlopen(url, timeout=60) as resp:  # noqa: S310 (fixed https/http URLs)
+    with urllib.request.urlopen(url, timeout=60) as resp:
         payload = resp.read()
     if member:
         payload = zipfile.ZipFile(io.BytesIO(payload)).read(member)

@@ -31,8 +31,9 @@ class Config:
 
 
 def _double_conv(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(),
-                         nn.Conv2d(c_out, c_out, 3, padding=1), nn.ReLU())  # fmt: skip
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(), nn.Conv2d(c_out, c_out, 3, padding=1), nn.ReLU()
+    )
 
 
 class UNet(nn.Module):
@@ -102,16 +103,23 @@ def train(cfg: Config, family: str) -> common.Trained:
     common.save_checkpoint(common.RUNS / family / "model.pt", model, cfg)
     test_images, _ = data.load_images("mnist", "test", data_dir, cfg.download)
     x_test = pp.add_gaussian_noise(pp.scale_pixels(test_images[:64])[:, None], 0.4, np.random.default_rng(0))
-    training_meta = {"command": common.training_command(family, cfg), "seed": cfg.seed,
-                     "epochs": epochs, "best_val_psnr_sigma_0.3": best[0],
-                     "seconds": round(progress.seconds, 1), "date": common.today(),
-                     "config": vars(cfg) | {"data_dir": ""},
-                     "dataset": {"name": "MNIST + synthetic Gaussian noise",
-                                 "files": data.dataset_checksums("mnist")}}  # fmt: skip
+    training_meta = {
+        "command": common.training_command(family, cfg),
+        "seed": cfg.seed,
+        "epochs": epochs,
+        "best_val_psnr_sigma_0.3": best[0],
+        "seconds": round(progress.seconds, 1),
+        "date": common.today(),
+        "config": vars(cfg) | {"data_dir": ""},
+        "dataset": {"name": "MNIST + synthetic Gaussian noise", "files": data.dataset_checksums("mnist")},
+    }
     spec = ExportSpec(
-        name=family, task="image-denoising", inputs={"image": x_test}, outputs=["image_out"],
-        dynamic_axes={}, extra={"noise": {"kind": "gaussian", "sigma_range": [cfg.sigma_min, cfg.sigma_max],
-                                          "clipped": [0, 1]}},
+        name=family,
+        task="image-denoising",
+        inputs={"image": x_test},
+        outputs=["image_out"],
+        dynamic_axes={},
+        extra={"noise": {"kind": "gaussian", "sigma_range": [cfg.sigma_min, cfg.sigma_max], "clipped": [0, 1]}},
         preprocessing={"kind": "image", "size": pp.IMAGE_SIZE, "scale": "pixels/255", "invert": "none"},
-    )  # fmt: skip
+    )
     return common.Trained([(model, spec)], training_meta, progress.history)

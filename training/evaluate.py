@@ -57,9 +57,14 @@ def eval_classifier(name: str, ctx: dict) -> dict:
     confusion = np.zeros((10, 10), dtype=np.int64)
     np.add.at(confusion, (labels, pred), 1)
     plot_confusion(confusion, model.meta.labels, ctx["img_dir"] / f"{name}_confusion.png", name)
-    return {"test_accuracy": float((pred == labels).mean()), "test_examples": int(len(labels)),
-            "per_class_accuracy": {lab: round(float(confusion[i, i] / max(1, confusion[i].sum())), 4)
-                                   for i, lab in enumerate(model.meta.labels)}}  # fmt: skip
+    return {
+        "test_accuracy": float((pred == labels).mean()),
+        "test_examples": int(len(labels)),
+        "per_class_accuracy": {
+            lab: round(float(confusion[i, i] / max(1, confusion[i].sum())), 4)
+            for i, lab in enumerate(model.meta.labels)
+        },
+    }
 
 
 def plot_confusion(confusion: np.ndarray, labels: list[str], path: Path, title: str) -> None:
@@ -84,9 +89,12 @@ def eval_sentiment(name: str, ctx: dict) -> dict:
     sentences, labels = sentences[: ctx["limit"]], labels[: ctx["limit"]]
     seqs = tasks.encode_texts(model, sentences)
     pred = tasks.classify_token_ids(model, [s or [pp.UNK] for s in seqs]).argmax(1)
-    return {"dev_accuracy": float((pred == labels).mean()), "dev_examples": int(len(labels)),
-            "vocabulary_size": len(model.meta.vocabulary),
-            "unknown_token_rate": float(np.mean([t == pp.UNK for s in seqs for t in s]))}  # fmt: skip
+    return {
+        "dev_accuracy": float((pred == labels).mean()),
+        "dev_examples": int(len(labels)),
+        "vocabulary_size": len(model.meta.vocabulary),
+        "unknown_token_rate": float(np.mean([t == pp.UNK for s in seqs for t in s])),
+    }
 
 
 def inception_score(probs: np.ndarray) -> float:
@@ -105,12 +113,18 @@ def eval_generator(name: str, ctx: dict) -> dict:
     probs = tasks.run_in_chunks(lambda x: tasks.classify_images(judge, x), images)
     real, _ = data.load_images("mnist", "test", ctx["data_dir"])
     real_probs = tasks.run_in_chunks(lambda x: tasks.classify_images(judge, x), pp.scale_pixels(real))
-    save_grid(np.concatenate([images[d * per_digit : d * per_digit + 10] for d in range(10)]),
-              ctx["img_dir"] / "generator_samples.png", cols=10)  # fmt: skip
-    return {"requested_digit_accuracy": float((probs.argmax(1) == digits).mean()),
-            "inception_score": inception_score(probs),
-            "inception_score_real_test_set": inception_score(real_probs),
-            "samples": int(len(z)), "judge": f"digits {judge.version}"}  # fmt: skip
+    save_grid(
+        np.concatenate([images[d * per_digit : d * per_digit + 10] for d in range(10)]),
+        ctx["img_dir"] / "generator_samples.png",
+        cols=10,
+    )
+    return {
+        "requested_digit_accuracy": float((probs.argmax(1) == digits).mean()),
+        "inception_score": inception_score(probs),
+        "inception_score_real_test_set": inception_score(real_probs),
+        "samples": int(len(z)),
+        "judge": f"digits {judge.version}",
+    }
 
 
 def _baseline_bytes_psnr(images: np.ndarray, fmt: str, quality: int) -> tuple[float, float]:
@@ -136,10 +150,15 @@ def eval_codec(name: str, ctx: dict) -> dict:
         for q in (1, 5, 10, 20, 30, 50, 70, 90):
             size, p = _baseline_bytes_psnr(sub, fmt, q)
             baselines.append({"codec": fmt.lower(), "quality": q, "bytes": round(size, 1), "psnr_db": round(p, 2)})
-    metrics = {"psnr_db": float(psnr.mean()), "psnr_db_p10": float(np.percentile(psnr, 10)),
-               "bytes_per_image": len(codes[0]), "original_bytes": 784,
-               "ratio": 784 / len(codes[0]), "test_examples": int(len(x)),
-               "baselines_first_1000": baselines}  # fmt: skip
+    metrics = {
+        "psnr_db": float(psnr.mean()),
+        "psnr_db_p10": float(np.percentile(psnr, 10)),
+        "bytes_per_image": len(codes[0]),
+        "original_bytes": 784,
+        "ratio": 784 / len(codes[0]),
+        "test_examples": int(len(x)),
+        "baselines_first_1000": baselines,
+    }
     save_grid(np.stack([x[:12], recon[:12]]).reshape(24, 28, 28), ctx["img_dir"] / "codec_pairs.png", cols=12)
     plot_rate_distortion(metrics, ctx["img_dir"] / "codec_rate_distortion.png")
     return metrics
@@ -151,8 +170,14 @@ def plot_rate_distortion(metrics: dict, path: Path) -> None:
     for codec, marker in (("jpeg", "s"), ("webp", "^")):
         pts = [b for b in metrics["baselines_first_1000"] if b["codec"] == codec]
         ax.plot([b["bytes"] for b in pts], [b["psnr_db"] for b in pts], marker=marker, label=codec.upper())
-    ax.scatter([metrics["bytes_per_image"]], [metrics["psnr_db"]], s=90, c="red", zorder=5,
-               label=f"deepserve codec ({metrics['bytes_per_image']} B)")  # fmt: skip
+    ax.scatter(
+        [metrics["bytes_per_image"]],
+        [metrics["psnr_db"]],
+        s=90,
+        c="red",
+        zorder=5,
+        label=f"deepserve codec ({metrics['bytes_per_image']} B)",
+    )
     ax.set_xscale("log")
     ax.set_xlabel("bytes per 28×28 image (log)")
     ax.set_ylabel("mean PSNR (dB), MNIST test")
@@ -177,8 +202,12 @@ def eval_denoiser(name: str, ctx: dict) -> dict:
         clean = tasks.run_in_chunks(lambda b: tasks.denoise(model, b), noisy)
         metrics[f"psnr_db_sigma_{sigma}"] = float(pp.psnr(x, clean).mean())
         n = min(500, len(x))  # NLM is slow; every method is also scored on the same 500
-        nlm = np.stack([denoise_nl_means(im, h=0.8 * sigma, sigma=sigma, fast_mode=True,
-                                         patch_size=3, patch_distance=5) for im in noisy[:n]])  # fmt: skip
+        nlm = np.stack(
+            [
+                denoise_nl_means(im, h=0.8 * sigma, sigma=sigma, fast_mode=True, patch_size=3, patch_distance=5)
+                for im in noisy[:n]
+            ]
+        )
         table[sigma] = {
             "noisy input": pp.psnr(x[:n], noisy[:n]).mean(),
             "median 3×3": pp.psnr(x[:n], ndimage.median_filter(noisy[:n], size=(1, 3, 3))).mean(),
@@ -213,8 +242,14 @@ def plot_denoise_bars(table: dict, path: Path) -> None:
     plt.close(fig)
 
 
-EVALUATORS = {"digits": eval_classifier, "fashion": eval_classifier, "sentiment": eval_sentiment,
-              "generator": eval_generator, "codec": eval_codec, "denoiser": eval_denoiser}  # fmt: skip
+EVALUATORS = {
+    "digits": eval_classifier,
+    "fashion": eval_classifier,
+    "sentiment": eval_sentiment,
+    "generator": eval_generator,
+    "codec": eval_codec,
+    "denoiser": eval_denoiser,
+}
 assert set(EVALUATORS) == set(FAMILIES), "every family needs an evaluator"
 SMOKE_ROWS = 8
 
@@ -249,7 +284,9 @@ def write_smoke(model, directory: Path, ctx: dict) -> dict:
     """<model>.smoke.npz beside the model: inputs and the outputs this file gives for them."""
     feeds = smoke_feeds(model, ctx)
     outputs = model.run(**feeds)
-    arrays = {f"in:{k}": v for k, v in feeds.items()} | {f"out:{o.name}": v for o, v in zip(model.meta.outputs, outputs)}
+    arrays = {f"in:{k}": v for k, v in feeds.items()} | {
+        f"out:{o.name}": v for o, v in zip(model.meta.outputs, outputs)
+    }
     path = directory / f"{model.name}.smoke.npz"
     with open(path, "wb") as f:
         np.savez(f, **arrays)
@@ -259,14 +296,18 @@ def write_smoke(model, directory: Path, ctx: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m training.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data-dir", default="", help="dataset directory (see training.data)")
     parser.add_argument("--exported", default=str(common.EXPORTED), help="the model directory")
     parser.add_argument("--only", nargs="*", choices=list(FAMILIES), default=list(FAMILIES))
-    parser.add_argument("--version", default=None, help="evaluate this version of the (single) family, not the active one")
-    parser.add_argument("--limit", type=int, default=None, help="first N test items (smoke runs; "
-                        "metrics are then not written back)")  # fmt: skip
+    parser.add_argument(
+        "--version", default=None, help="evaluate this version of the (single) family, not the active one"
+    )
+    parser.add_argument(
+        "--limit", type=int, default=None, help="first N test items (smoke runs; metrics are then not written back)"
+    )
     parser.add_argument("--smoke-only", action="store_true", help="write the smoke sets only")
     args = parser.parse_args(argv)
     if args.version and len(args.only) != 1:
@@ -275,10 +316,16 @@ def main(argv: list[str] | None = None) -> int:
     manifest = read_manifest(exported)
     versions = {f: args.version or manifest.families[f].active for f in args.only}
     loaded = {f: load_family(exported, manifest, f, versions[f], "cpu", 2) for f in args.only}
-    judge = lambda: load_family(exported, manifest, "digits", manifest.families["digits"].active, "cpu", 2).models["digits"]  # noqa: E731
+    judge = lambda: load_family(exported, manifest, "digits", manifest.families["digits"].active, "cpu", 2).models[
+        "digits"
+    ]
     write = args.limit is None
-    ctx = {"data_dir": data.resolve_data_dir(args.data_dir), "limit": args.limit, "judge": judge,
-           "img_dir": common.IMG_DIR if write and not args.version else common.RUNS / "eval-smoke"}  # fmt: skip
+    ctx = {
+        "data_dir": data.resolve_data_dir(args.data_dir),
+        "limit": args.limit,
+        "judge": judge,
+        "img_dir": common.IMG_DIR if write and not args.version else common.RUNS / "eval-smoke",
+    }
     ctx["img_dir"].mkdir(parents=True, exist_ok=True)
     failed = False
     for name in args.only:

@@ -62,9 +62,16 @@ def export_onnx(module: torch.nn.Module, spec: ExportSpec, path: Path) -> dict:
     # dynamo=False: the TorchScript exporter handles our LSTM and gather-based reversal with
     # dynamic axes, needs no onnxscript, and writes one self-contained file.
     torch.onnx.export(
-        module, example, str(path), input_names=list(spec.inputs), output_names=spec.outputs,
-        dynamic_axes=dynamic, opset_version=OPSET, do_constant_folding=True, dynamo=False,
-    )  # fmt: skip
+        module,
+        example,
+        str(path),
+        input_names=list(spec.inputs),
+        output_names=spec.outputs,
+        dynamic_axes=dynamic,
+        opset_version=OPSET,
+        do_constant_folding=True,
+        dynamo=False,
+    )
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -79,9 +86,16 @@ def export_onnx(module: torch.nn.Module, spec: ExportSpec, path: Path) -> dict:
             raise AssertionError(f"{spec.name}: ORT/torch max abs diff {diff:.2e} at batch {batch}")
     print(f"exported {spec.name}: parity max abs diff {parity}", flush=True)
     outputs = dict(zip(spec.outputs, _torch_outputs(module, {k: v[:2] for k, v in spec.inputs.items()})))
-    return {"inputs": _spec_of(spec.inputs, dynamic), "outputs": _spec_of(outputs, dynamic),
-            "parity": {"max_abs_diff": parity, "tolerance": PARITY_TOLERANCE,
-                       "exporter": "torch.onnx.export(dynamo=False)", "opset": OPSET}}  # fmt: skip
+    return {
+        "inputs": _spec_of(spec.inputs, dynamic),
+        "outputs": _spec_of(outputs, dynamic),
+        "parity": {
+            "max_abs_diff": parity,
+            "tolerance": PARITY_TOLERANCE,
+            "exporter": "torch.onnx.export(dynamo=False)",
+            "opset": OPSET,
+        },
+    }
 
 
 def family_version(date: str, digests: list[str]) -> str:
@@ -90,8 +104,9 @@ def family_version(date: str, digests: list[str]) -> str:
     return f"{date}-{tag[:8]}"
 
 
-def export_family(family: str, parts: list[tuple[torch.nn.Module, ExportSpec]], out_dir: Path, training: dict,
-                  activate: bool = False) -> str:
+def export_family(
+    family: str, parts: list[tuple[torch.nn.Module, ExportSpec]], out_dir: Path, training: dict, activate: bool = False
+) -> str:
     """Export every model of a family as one new version: `<out>/<family>/<version>/<model>.onnx`
     + `.json` (typed metadata, service.metadata), registered in `<out>/manifest.json`. The
     version is active if asked (or if the family had none). Returns the version."""
@@ -107,10 +122,21 @@ def export_family(family: str, parts: list[tuple[torch.nn.Module, ExportSpec]], 
     shutil.rmtree(final, ignore_errors=True)
     staging.rename(final)
     for (_, spec), digest in zip(parts, digests):
-        meta = {"name": spec.name, "task": spec.task, "family": family, "version": version,
-                "file": f"{spec.name}.onnx", "sha256": digest, **signatures[spec.name],
-                "preprocessing": spec.preprocessing, **spec.extra, "training": training, "metrics": {},
-                "versions": versions(), "size_bytes": (final / f"{spec.name}.onnx").stat().st_size}  # fmt: skip
+        meta = {
+            "name": spec.name,
+            "task": spec.task,
+            "family": family,
+            "version": version,
+            "file": f"{spec.name}.onnx",
+            "sha256": digest,
+            **signatures[spec.name],
+            "preprocessing": spec.preprocessing,
+            **spec.extra,
+            "training": training,
+            "metrics": {},
+            "versions": versions(),
+            "size_bytes": (final / f"{spec.name}.onnx").stat().st_size,
+        }
         write_json(final / f"{spec.name}.json", meta)
         read_metadata(final / f"{spec.name}.json", spec.name)  # the export writes what the service reads
     register_version(out_dir, family, version, [spec for _, spec in parts], digests, activate)
@@ -118,13 +144,16 @@ def export_family(family: str, parts: list[tuple[torch.nn.Module, ExportSpec]], 
     return version
 
 
-def register_version(out_dir: Path, family: str, version: str, specs: list[ExportSpec], digests: list[str],
-                     activate: bool) -> None:
+def register_version(
+    out_dir: Path, family: str, version: str, specs: list[ExportSpec], digests: list[str], activate: bool
+) -> None:
     """Add a family version to the manifest (created if missing); activate it if asked."""
     from service.metadata import MANIFEST, write_json_atomic
 
     path = out_dir / MANIFEST
-    manifest = json.loads(path.read_text()) if path.is_file() else {"format": 2, "defaults": {}, "families": {}, "models": {}}
+    manifest = (
+        json.loads(path.read_text()) if path.is_file() else {"format": 2, "defaults": {}, "families": {}, "models": {}}
+    )
     fam = manifest["families"].get(family)
     if fam is None:
         fam = manifest["families"][family] = {"active": version, "previous": None, "models": [s.name for s in specs]}
@@ -132,8 +161,11 @@ def register_version(out_dir: Path, family: str, version: str, specs: list[Expor
         fam["previous"], fam["active"] = fam["active"], version
     for spec, digest in zip(specs, digests):
         entry = manifest["models"].setdefault(spec.name, {"task": spec.task, "family": family, "versions": {}})
-        entry["versions"][version] = {"file": f"{family}/{version}/{spec.name}.onnx",
-                                      "metadata": f"{family}/{version}/{spec.name}.json", "sha256": digest}  # fmt: skip
+        entry["versions"][version] = {
+            "file": f"{family}/{version}/{spec.name}.onnx",
+            "metadata": f"{family}/{version}/{spec.name}.json",
+            "sha256": digest,
+        }
     write_json_atomic(path, manifest)
 
 
@@ -141,5 +173,10 @@ def versions() -> dict[str, str]:
     import onnx
     import onnxruntime as ort
 
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "onnx": onnx.__version__, "onnxruntime": ort.__version__, "numpy": np.__version__}  # fmt: skip
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": ort.__version__,
+        "numpy": np.__version__,
+    }

@@ -35,37 +35,66 @@ class Family:
         return importlib.import_module(self.module).train(cfg, self.name)
 
 
-FAMILIES: dict[str, Family] = {f.name: f for f in [
-    Family("digits", "training.classifier", ("digits",),
-           bars={"test_accuracy": (">=", 0.993, 0.995)},
-           summary={"digits": "CNN (3 conv blocks, BatchNorm, dropout) on MNIST; random ±2 px shifts."},
-           pictures={"digits": ("digits_confusion.png", "digits_curves.png", "digits_reliability.png")},
-           overrides={"dataset": "mnist", "label_smoothing": 0.0},
-           note="digits is also the generator's judge: label smoothing would cap its confidence (and so the "
-                "Inception-style score) near 7.9 even on real digits"),
-    Family("fashion", "training.classifier", ("fashion",),
-           bars={"test_accuracy": (">=", 0.920, 0.935)},
-           summary={"fashion": "The same CNN on Fashion-MNIST; shifts and horizontal flips."},
-           pictures={"fashion": ("fashion_confusion.png", "fashion_curves.png", "fashion_reliability.png")},
-           overrides={"dataset": "fashion", "hflip": True, "epochs": 20, "width": 32}),
-    Family("sentiment", "training.sentiment", ("sentiment",),
-           bars={"dev_accuracy": (">=", 0.830, 0.850)},
-           summary={"sentiment": "BiLSTM from scratch on GLUE SST-2 (no pretrained embeddings); max+mean pooling."},
-           pictures={"sentiment": ("sentiment_curves.png", "sentiment_reliability.png")}),
-    Family("generator", "training.generator", ("generator",),
-           bars={"requested_digit_accuracy": (">=", 0.95, 0.97), "inception_score": (">=", 9.0, 9.4)},
-           summary={"generator": "Class-conditional DCGAN (projection discriminator + auxiliary digit classifier)."},
-           pictures={"generator": ("generator_samples.png", "generator_curves.png")}),
-    Family("codec", "training.codec", ("encoder", "decoder"),
-           bars={"bytes_per_image": ("<=", 16, 16), "psnr_db": (">=", 21.0, 23.5)},
-           summary={"encoder": "Convolutional autoencoder; 32 sigmoid latents quantized to 4 bits = 16 bytes.",
-                    "decoder": "Decoder half of the codec: 16-byte code -> 28×28 image."},
-           pictures={"encoder": ("codec_rate_distortion.png", "codec_pairs.png", "codec_curves.png")}),
-    Family("denoiser", "training.denoiser", ("denoiser",),
-           bars={"psnr_db_sigma_0.3": (">=", 22.5, 24.0), "psnr_db_sigma_0.5": (">=", 18.5, 20.5)},
-           summary={"denoiser": "Small residual U-Net (28 -> 14 -> 7) trained with σ ~ U(0.1, 0.6)."},
-           pictures={"denoiser": ("denoiser_baselines.png", "denoiser_triplets.png", "denoiser_curves.png")}),
-]}  # fmt: skip
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in [
+        Family(
+            "digits",
+            "training.classifier",
+            ("digits",),
+            bars={"test_accuracy": (">=", 0.993, 0.995)},
+            summary={"digits": "CNN (3 conv blocks, BatchNorm, dropout) on MNIST; random ±2 px shifts."},
+            pictures={"digits": ("digits_confusion.png", "digits_curves.png", "digits_reliability.png")},
+            overrides={"dataset": "mnist", "label_smoothing": 0.0},
+            note="digits is also the generator's judge: label smoothing would cap its confidence (and so the "
+            "Inception-style score) near 7.9 even on real digits",
+        ),
+        Family(
+            "fashion",
+            "training.classifier",
+            ("fashion",),
+            bars={"test_accuracy": (">=", 0.920, 0.935)},
+            summary={"fashion": "The same CNN on Fashion-MNIST; shifts and horizontal flips."},
+            pictures={"fashion": ("fashion_confusion.png", "fashion_curves.png", "fashion_reliability.png")},
+            overrides={"dataset": "fashion", "hflip": True, "epochs": 20, "width": 32},
+        ),
+        Family(
+            "sentiment",
+            "training.sentiment",
+            ("sentiment",),
+            bars={"dev_accuracy": (">=", 0.830, 0.850)},
+            summary={"sentiment": "BiLSTM from scratch on GLUE SST-2 (no pretrained embeddings); max+mean pooling."},
+            pictures={"sentiment": ("sentiment_curves.png", "sentiment_reliability.png")},
+        ),
+        Family(
+            "generator",
+            "training.generator",
+            ("generator",),
+            bars={"requested_digit_accuracy": (">=", 0.95, 0.97), "inception_score": (">=", 9.0, 9.4)},
+            summary={"generator": "Class-conditional DCGAN (projection discriminator + auxiliary digit classifier)."},
+            pictures={"generator": ("generator_samples.png", "generator_curves.png")},
+        ),
+        Family(
+            "codec",
+            "training.codec",
+            ("encoder", "decoder"),
+            bars={"bytes_per_image": ("<=", 16, 16), "psnr_db": (">=", 21.0, 23.5)},
+            summary={
+                "encoder": "Convolutional autoencoder; 32 sigmoid latents quantized to 4 bits = 16 bytes.",
+                "decoder": "Decoder half of the codec: 16-byte code -> 28×28 image.",
+            },
+            pictures={"encoder": ("codec_rate_distortion.png", "codec_pairs.png", "codec_curves.png")},
+        ),
+        Family(
+            "denoiser",
+            "training.denoiser",
+            ("denoiser",),
+            bars={"psnr_db_sigma_0.3": (">=", 22.5, 24.0), "psnr_db_sigma_0.5": (">=", 18.5, 20.5)},
+            summary={"denoiser": "Small residual U-Net (28 -> 14 -> 7) trained with σ ~ U(0.1, 0.6)."},
+            pictures={"denoiser": ("denoiser_baselines.png", "denoiser_triplets.png", "denoiser_curves.png")},
+        ),
+    ]
+}
 
 
 def family_of_model(model: str) -> Family:
@@ -79,8 +108,14 @@ def check_bars(family: Family, metrics: dict) -> list[tuple[str, bool, bool]]:
         v = metrics[key]
         ok = v >= bar if op == ">=" else v <= bar
         st = v >= stretch if op == ">=" else v <= stretch
-        out.append((f"{family.name} {key} {v:.4f} {op} {bar} {'ok' if ok else 'BELOW BAR'}"
-                    f" (stretch {stretch} {'met' if st else 'not met'})", ok, st))  # fmt: skip
+        out.append(
+            (
+                f"{family.name} {key} {v:.4f} {op} {bar} {'ok' if ok else 'BELOW BAR'}"
+                f" (stretch {stretch} {'met' if st else 'not met'})",
+                ok,
+                st,
+            )
+        )
     return out
 
 

@@ -40,12 +40,16 @@ class Generator(nn.Module):
         super().__init__()
         c = 2 * cfg.ngf
         self.embed = nn.Embedding(10, cfg.embed_dim)
-        self.fc = nn.Sequential(nn.Linear(cfg.z_dim + cfg.embed_dim, c * 7 * 7, bias=False),
-                                nn.BatchNorm1d(c * 7 * 7), nn.ReLU())  # fmt: skip
+        self.fc = nn.Sequential(
+            nn.Linear(cfg.z_dim + cfg.embed_dim, c * 7 * 7, bias=False), nn.BatchNorm1d(c * 7 * 7), nn.ReLU()
+        )
         self.net = nn.Sequential(
-            nn.ConvTranspose2d(c, cfg.ngf, 4, 2, 1, bias=False), nn.BatchNorm2d(cfg.ngf), nn.ReLU(),
-            nn.ConvTranspose2d(cfg.ngf, 1, 4, 2, 1), nn.Tanh(),
-        )  # fmt: skip
+            nn.ConvTranspose2d(c, cfg.ngf, 4, 2, 1, bias=False),
+            nn.BatchNorm2d(cfg.ngf),
+            nn.ReLU(),
+            nn.ConvTranspose2d(cfg.ngf, 1, 4, 2, 1),
+            nn.Tanh(),
+        )
         self.channels = c
 
     def forward(self, z: torch.Tensor, digit: torch.Tensor) -> torch.Tensor:
@@ -59,10 +63,13 @@ class Discriminator(nn.Module):
         super().__init__()
         d = cfg.ndf
         self.net = nn.Sequential(
-            nn.Conv2d(1, d, 4, 2, 1), nn.LeakyReLU(0.2),  # 14×14
-            nn.Conv2d(d, 2 * d, 4, 2, 1, bias=False), nn.BatchNorm2d(2 * d), nn.LeakyReLU(0.2),  # 7×7
+            nn.Conv2d(1, d, 4, 2, 1),
+            nn.LeakyReLU(0.2),  # 14×14
+            nn.Conv2d(d, 2 * d, 4, 2, 1, bias=False),
+            nn.BatchNorm2d(2 * d),
+            nn.LeakyReLU(0.2),  # 7×7
             nn.Flatten(),
-        )  # fmt: skip
+        )
         feat = 2 * d * 7 * 7
         self.real = nn.Linear(feat, 1)
         self.project = nn.Embedding(10, feat)
@@ -100,16 +107,19 @@ def train(cfg: Config, family: str) -> common.Trained:
 
             s_real, c_real = D(real, digit)
             s_fake, _ = D(fake.detach(), fake_digit)
-            loss_d = (F.binary_cross_entropy_with_logits(s_real, torch.full_like(s_real, 0.9))
-                      + F.binary_cross_entropy_with_logits(s_fake, torch.zeros_like(s_fake))
-                      + cfg.aux_weight * F.cross_entropy(c_real, digit))  # fmt: skip
+            loss_d = (
+                F.binary_cross_entropy_with_logits(s_real, torch.full_like(s_real, 0.9))
+                + F.binary_cross_entropy_with_logits(s_fake, torch.zeros_like(s_fake))
+                + cfg.aux_weight * F.cross_entropy(c_real, digit)
+            )
             opt_d.zero_grad()
             loss_d.backward()
             opt_d.step()
 
             s_fake, c_fake = D(fake, fake_digit)
-            loss_g = (F.binary_cross_entropy_with_logits(s_fake, torch.ones_like(s_fake))
-                      + cfg.aux_weight * F.cross_entropy(c_fake, fake_digit))  # fmt: skip
+            loss_g = F.binary_cross_entropy_with_logits(
+                s_fake, torch.ones_like(s_fake)
+            ) + cfg.aux_weight * F.cross_entropy(c_fake, fake_digit)
             opt_g.zero_grad()
             loss_g.backward()
             opt_g.step()
@@ -122,14 +132,27 @@ def train(cfg: Config, family: str) -> common.Trained:
     common.save_checkpoint(common.RUNS / family / "model.pt", G, cfg)
     z, digits = pp.sample_latents(64, cfg.z_dim, seed=0)
     spec = ExportSpec(
-        name=family, task="conditional-image-generation",
-        inputs={"z": z, "digit": digits}, outputs=["images"], dynamic_axes={},
-        preprocessing={"kind": "latent", "z_dim": cfg.z_dim, "distribution": "standard normal",
-                       "sampler": "service.preprocessing.sample_latents", "output_range": [0, 1]},
+        name=family,
+        task="conditional-image-generation",
+        inputs={"z": z, "digit": digits},
+        outputs=["images"],
+        dynamic_axes={},
+        preprocessing={
+            "kind": "latent",
+            "z_dim": cfg.z_dim,
+            "distribution": "standard normal",
+            "sampler": "service.preprocessing.sample_latents",
+            "output_range": [0, 1],
+        },
         extra={"labels": data.DIGIT_LABELS},
-    )  # fmt: skip
-    training_meta = {"command": common.training_command(family, cfg), "seed": cfg.seed,
-                     "epochs": epochs, "seconds": round(progress.seconds, 1),
-                     "date": common.today(), "config": vars(cfg) | {"data_dir": ""},
-                     "dataset": {"name": "MNIST (train)", "files": data.dataset_checksums("mnist")}}  # fmt: skip
+    )
+    training_meta = {
+        "command": common.training_command(family, cfg),
+        "seed": cfg.seed,
+        "epochs": epochs,
+        "seconds": round(progress.seconds, 1),
+        "date": common.today(),
+        "config": vars(cfg) | {"data_dir": ""},
+        "dataset": {"name": "MNIST (train)", "files": data.dataset_checksums("mnist")},
+    }
     return common.Trained([(G, spec)], training_meta, progress.history)

@@ -156,17 +156,33 @@ def train(cfg: Config, family: str) -> common.Trained:
     common.save_checkpoint(common.RUNS / family / "model.pt", model, cfg)
     tokens, lengths = pp.pad_batch(encode_all(dev_sentences[:64], index))
     spec = ExportSpec(
-        name=family, task="text-classification",
-        inputs={"tokens": tokens, "lengths": lengths}, outputs=["logits"],
+        name=family,
+        task="text-classification",
+        inputs={"tokens": tokens, "lengths": lengths},
+        outputs=["logits"],
         dynamic_axes={"tokens": {1: "seq"}},
-        preprocessing={"kind": "text", "tokenizer": "service.preprocessing.tokenize",
-                       "lowercase": True, "max_tokens": pp.MAX_TOKENS, "pad_id": pp.PAD,
-                       "unk_id": pp.UNK, "truncation": "first max_tokens tokens are kept"},
+        preprocessing={
+            "kind": "text",
+            "tokenizer": "service.preprocessing.tokenize",
+            "lowercase": True,
+            "max_tokens": pp.MAX_TOKENS,
+            "pad_id": pp.PAD,
+            "unk_id": pp.UNK,
+            "truncation": "first max_tokens tokens are kept",
+        },
         extra={"labels": LABELS, "vocabulary": vocab},
-    )  # fmt: skip
-    training_meta = {"command": common.training_command(family, cfg), "seed": cfg.seed,
-                     "epochs": epochs, "best_val_acc": best[0], "seconds": round(progress.seconds, 1),
-                     "date": common.today(), "config": vars(cfg) | {"data_dir": ""},
-                     "dataset": {"name": "GLUE SST-2 (train; dev is the reported test set)",
-                                 "files": data.dataset_checksums("sst2")}}  # fmt: skip
+    )
+    training_meta = {
+        "command": common.training_command(family, cfg),
+        "seed": cfg.seed,
+        "epochs": epochs,
+        "best_val_acc": best[0],
+        "seconds": round(progress.seconds, 1),
+        "date": common.today(),
+        "config": vars(cfg) | {"data_dir": ""},
+        "dataset": {
+            "name": "GLUE SST-2 (train; dev is the reported test set)",
+            "files": data.dataset_checksums("sst2"),
+        },
+    }
     return common.Trained([(model, spec)], training_meta, progress.history)

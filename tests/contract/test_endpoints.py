@@ -57,10 +57,13 @@ def test_fashion_labels_are_names(client, fashion500):
     assert body["model"] == "fashion" and body["index"] == labels[0] == 9 and body["label"] == "Ankle boot"
 
 
-@pytest.mark.parametrize("text, label", [
-    ("A gorgeous, witty and deeply moving film.", "positive"),
-    ("It's a dull, lifeless and utterly boring mess!", "negative"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "text, label",
+    [
+        ("A gorgeous, witty and deeply moving film.", "positive"),
+        ("It's a dull, lifeless and utterly boring mess!", "negative"),
+    ],
+)
 def test_classify_text(client, text, label):
     r = client.post("/classify", json={"text": text})
     assert r.status_code == 200, r.text

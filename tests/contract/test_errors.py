@@ -31,8 +31,10 @@ def png_bomb(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
 
 
-MULTIPART_NO_FILE = {"content": b'--zz\r\nContent-Disposition: form-data; name="model"\r\n\r\ndigits\r\n--zz--\r\n',
-                     "headers": {"content-type": "multipart/form-data; boundary=zz"}}  # fmt: skip
+MULTIPART_NO_FILE = {
+    "content": b'--zz\r\nContent-Disposition: form-data; name="model"\r\n\r\ndigits\r\n--zz--\r\n',
+    "headers": {"content-type": "multipart/form-data; boundary=zz"},
+}
 
 
 def form(*parts, **fields):
@@ -42,23 +44,89 @@ def form(*parts, **fields):
 CASES = [
     # (id, method, path, request kwargs, status, words the message must contain)
     ("empty file", "/classify", form(("image", ("a.png", b"", "image/png"))), 400, "empty"),
-    ("text file as image", "/classify", form(("image", ("a.png", b"hello world", "image/png"))), 415, "not a supported image"),
+    (
+        "text file as image",
+        "/classify",
+        form(("image", ("a.png", b"hello world", "image/png"))),
+        415,
+        "not a supported image",
+    ),
     ("truncated png", "/classify", form(("image", ("a.png", DIGIT[:40], "image/png"))), 400, "truncated or corrupt"),
     ("pixel bomb header", "/classify", form(("image", ("a.png", png_bomb(50000, 50000), "image/png"))), 413, "pixels"),
     ("no image field", "/classify", MULTIPART_NO_FILE, 400, "no file field 'image'"),
     ("url-encoded form", "/classify", form(model="digits"), 415, "multipart/form-data"),
-    ("unknown form field", "/classify", form(("image", ("a.png", DIGIT, "image/png")), modle="digits"), 400, "unknown field 'modle'"),
-    ("unknown model", "/classify", form(("image", ("a.png", DIGIT, "image/png")), model="cats"), 400, "does not serve image-classification"),
-    ("sentiment for an image", "/classify", form(("image", ("a.png", DIGIT, "image/png")), model="sentiment"), 400, "text goes as JSON"),
+    (
+        "unknown form field",
+        "/classify",
+        form(("image", ("a.png", DIGIT, "image/png")), modle="digits"),
+        400,
+        "unknown field 'modle'",
+    ),
+    (
+        "unknown model",
+        "/classify",
+        form(("image", ("a.png", DIGIT, "image/png")), model="cats"),
+        400,
+        "does not serve image-classification",
+    ),
+    (
+        "sentiment for an image",
+        "/classify",
+        form(("image", ("a.png", DIGIT, "image/png")), model="sentiment"),
+        400,
+        "text goes as JSON",
+    ),
     ("digits for text", "/classify", {"json": {"text": "hi", "model": "digits"}}, 400, "images go as multipart"),
-    ("generator for denoising", "/denoise", form(("image", ("a.png", DIGIT, "image/png")), model="generator"), 400, "does not serve image-denoising"),
-    ("unloaded version", "/classify", form(("image", ("a.png", DIGIT, "image/png")), model_version="1999-01-01-x"), 404, "no loaded version"),
+    (
+        "generator for denoising",
+        "/denoise",
+        form(("image", ("a.png", DIGIT, "image/png")), model="generator"),
+        400,
+        "does not serve image-denoising",
+    ),
+    (
+        "unloaded version",
+        "/classify",
+        form(("image", ("a.png", DIGIT, "image/png")), model_version="1999-01-01-x"),
+        404,
+        "no loaded version",
+    ),
     ("model not a string", "/generate", {"json": {"model": 7}}, 400, "model must be a string"),
-    ("reject_ood not a bool", "/classify", {"json": {"text": "hi", "reject_ood": "maybe"}}, 400, "reject_ood must be true or false"),
-    ("top_k zero", "/classify", form(("image", ("a.png", DIGIT, "image/png")), top_k="0"), 400, "top_k must be between 1 and 10"),
-    ("top_k not a number", "/classify", form(("image", ("a.png", DIGIT, "image/png")), top_k="three"), 400, "top_k must be an integer"),
-    ("image as text field", "/classify", {"data": {"image": "not a file"}, "files": [("x", ("x", b"", "text/plain"))]}, 400, "field 'image' must be a file part"),
-    ("plain text body", "/classify", {"content": b"hi", "headers": {"content-type": "text/plain"}}, 415, "multipart/form-data"),
+    (
+        "reject_ood not a bool",
+        "/classify",
+        {"json": {"text": "hi", "reject_ood": "maybe"}},
+        400,
+        "reject_ood must be true or false",
+    ),
+    (
+        "top_k zero",
+        "/classify",
+        form(("image", ("a.png", DIGIT, "image/png")), top_k="0"),
+        400,
+        "top_k must be between 1 and 10",
+    ),
+    (
+        "top_k not a number",
+        "/classify",
+        form(("image", ("a.png", DIGIT, "image/png")), top_k="three"),
+        400,
+        "top_k must be an integer",
+    ),
+    (
+        "image as text field",
+        "/classify",
+        {"data": {"image": "not a file"}, "files": [("x", ("x", b"", "text/plain"))]},
+        400,
+        "field 'image' must be a file part",
+    ),
+    (
+        "plain text body",
+        "/classify",
+        {"content": b"hi", "headers": {"content-type": "text/plain"}},
+        415,
+        "multipart/form-data",
+    ),
     ("empty text", "/classify", {"json": {"text": ""}}, 400, "empty or only whitespace"),
     ("whitespace text", "/classify", {"json": {"text": " \n\t "}}, 400, "empty or only whitespace"),
     ("text not a string", "/classify", {"json": {"text": 5}}, 400, "text must be a string"),
@@ -69,7 +137,13 @@ CASES = [
     ("texts item not string", "/classify", {"json": {"texts": ["ok", None]}}, 400, "texts[1] must be a string"),
     ("enormous text", "/classify", {"json": {"text": "a" * 20001}}, 413, "limit is 20000"),
     ("json array body", "/classify", {"json": ["hi"]}, 400, "JSON object"),
-    ("broken json", "/generate", {"content": b'{"n": 1', "headers": {"content-type": "application/json"}}, 400, "not valid JSON"),
+    (
+        "broken json",
+        "/generate",
+        {"content": b'{"n": 1', "headers": {"content-type": "application/json"}},
+        400,
+        "not valid JSON",
+    ),
     ("json without content type", "/generate", {"content": b'{"n": 1}'}, 415, "application/json"),
     ("n zero", "/generate", {"json": {"n": 0}}, 400, "n must be between 1 and 64"),
     ("n too large", "/generate", {"json": {"n": 65}}, 400, "n must be between 1 and 64"),
@@ -87,27 +161,109 @@ CASES = [
     ("code far too long", "/decompress", {"json": {"code": "A" * 5000}}, 400, "too long"),
     ("code missing", "/decompress", {"json": {}}, 400, "code must be a base64 string"),
     ("code a number", "/decompress", {"json": {"code": 123}}, 400, "code must be a base64 string"),
-    ("two images to compress", "/compress", form(("image", ("a.png", DIGIT, "image/png")), ("image", ("b.png", DIGIT, "image/png"))), 400, "exactly one image"),
+    (
+        "two images to compress",
+        "/compress",
+        form(("image", ("a.png", DIGIT, "image/png")), ("image", ("b.png", DIGIT, "image/png"))),
+        400,
+        "exactly one image",
+    ),
     ("compress json", "/compress", {"json": {"image": "x"}}, 415, "multipart/form-data"),
-    ("denoise with extra field", "/denoise", form(("image", ("a.png", DIGIT, "image/png")), top_k="3"), 400, "unknown field 'top_k'"),
-    ("denoise not an image", "/denoise", form(("image", ("a.gz", b"\x1f\x8b\x08\x00junk", "image/png"))), 415, "not a supported image"),
+    (
+        "denoise with extra field",
+        "/denoise",
+        form(("image", ("a.png", DIGIT, "image/png")), top_k="3"),
+        400,
+        "unknown field 'top_k'",
+    ),
+    (
+        "denoise not an image",
+        "/denoise",
+        form(("image", ("a.gz", b"\x1f\x8b\x08\x00junk", "image/png"))),
+        415,
+        "not a supported image",
+    ),
     # an attacker's list: parser limits, number edge cases, encodings, names used as paths
-    ("deeply nested json", "/generate", {"content": b'{"n": ' + b"[" * 100000 + b"]" * 100000 + b"}",
-                                         "headers": {"content-type": "application/json"}}, 400, "not valid JSON"),
-    ("5000-digit integer", "/generate", {"content": b'{"n": ' + b"9" * 5000 + b"}",
-                                         "headers": {"content-type": "application/json"}}, 400, "not valid JSON"),
-    ("NaN", "/generate", {"content": b'{"n": NaN}', "headers": {"content-type": "application/json"}}, 400, "n must be an integer"),
-    ("Infinity seed", "/generate", {"content": b'{"seed": Infinity}', "headers": {"content-type": "application/json"}}, 400, "seed must be an integer"),
-    ("json not utf-8", "/classify", {"content": b'{"text": "\xff\xfe"}', "headers": {"content-type": "application/json"}}, 400, "not valid JSON"),
-    ("model name as a path", "/classify", form(("image", ("a.png", DIGIT, "image/png")), model="../exported/digits"), 400, "does not serve"),
-    ("65 images", "/classify", form(*[("image", (f"{i}.png", DIGIT, "image/png")) for i in range(65)]), 400, "malformed multipart body"),
-    ("huge form field", "/classify", form(("image", ("a.png", DIGIT, "image/png")), top_k="1" * 70000), 400, "malformed multipart body"),
-    ("top_k fraction", "/classify", form(("image", ("a.png", DIGIT, "image/png")), top_k="2.5"), 400, "top_k must be an integer"),
-    ("texts over the count limit", "/classify", {"json": {"texts": ["ok"] * 65}}, 400, "texts must be a list of 1 to 64"),
+    (
+        "deeply nested json",
+        "/generate",
+        {"content": b'{"n": ' + b"[" * 100000 + b"]" * 100000 + b"}", "headers": {"content-type": "application/json"}},
+        400,
+        "not valid JSON",
+    ),
+    (
+        "5000-digit integer",
+        "/generate",
+        {"content": b'{"n": ' + b"9" * 5000 + b"}", "headers": {"content-type": "application/json"}},
+        400,
+        "not valid JSON",
+    ),
+    (
+        "NaN",
+        "/generate",
+        {"content": b'{"n": NaN}', "headers": {"content-type": "application/json"}},
+        400,
+        "n must be an integer",
+    ),
+    (
+        "Infinity seed",
+        "/generate",
+        {"content": b'{"seed": Infinity}', "headers": {"content-type": "application/json"}},
+        400,
+        "seed must be an integer",
+    ),
+    (
+        "json not utf-8",
+        "/classify",
+        {"content": b'{"text": "\xff\xfe"}', "headers": {"content-type": "application/json"}},
+        400,
+        "not valid JSON",
+    ),
+    (
+        "model name as a path",
+        "/classify",
+        form(("image", ("a.png", DIGIT, "image/png")), model="../exported/digits"),
+        400,
+        "does not serve",
+    ),
+    (
+        "65 images",
+        "/classify",
+        form(*[("image", (f"{i}.png", DIGIT, "image/png")) for i in range(65)]),
+        400,
+        "malformed multipart body",
+    ),
+    (
+        "huge form field",
+        "/classify",
+        form(("image", ("a.png", DIGIT, "image/png")), top_k="1" * 70000),
+        400,
+        "malformed multipart body",
+    ),
+    (
+        "top_k fraction",
+        "/classify",
+        form(("image", ("a.png", DIGIT, "image/png")), top_k="2.5"),
+        400,
+        "top_k must be an integer",
+    ),
+    (
+        "texts over the count limit",
+        "/classify",
+        {"json": {"texts": ["ok"] * 65}},
+        400,
+        "texts must be a list of 1 to 64",
+    ),
     ("url-safe base64 code", "/decompress", {"json": {"code": "-_-_-_-_-_-_-_-_-_-_-w=="}}, 400, "not valid base64"),
     ("code with a newline", "/decompress", {"json": {"code": "AAAAAAAAAAAA\nAAAAAAAAAAA="}}, 400, "not valid base64"),
-    ("bad multipart", "/classify", {"content": b"--zz\r\nbroken", "headers": {"content-type": "multipart/form-data; boundary=zz"}}, 400, "no file field"),
-]  # fmt: skip
+    (
+        "bad multipart",
+        "/classify",
+        {"content": b"--zz\r\nbroken", "headers": {"content-type": "multipart/form-data; boundary=zz"}},
+        400,
+        "no file field",
+    ),
+]
 
 
 @pytest.mark.parametrize("path, kwargs, status, words", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
@@ -120,10 +276,19 @@ def test_bad_input_gets_a_clear_json_4xx(client, path, kwargs, status, words):
     assert "Traceback" not in r.text and "/work/" not in r.text
 
 
-@pytest.mark.parametrize("fmt, mode, save", [
-    ("GIF", "P", {}), ("BMP", "RGB", {}), ("WEBP", "RGB", {}), ("TIFF", "I;16", {}),
-    ("PNG", "RGBA", {}), ("PNG", "P", {"transparency": 0}), ("JPEG", "CMYK", {}), ("PNG", "1", {}),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "fmt, mode, save",
+    [
+        ("GIF", "P", {}),
+        ("BMP", "RGB", {}),
+        ("WEBP", "RGB", {}),
+        ("TIFF", "I;16", {}),
+        ("PNG", "RGBA", {}),
+        ("PNG", "P", {"transparency": 0}),
+        ("JPEG", "CMYK", {}),
+        ("PNG", "1", {}),
+    ],
+)
 def test_odd_but_valid_images_are_accepted(client, fmt, mode, save):
     r = client.post("/classify", files={"image": ("x", image_bytes(fmt, mode, (40, 30), **save), "image/octet-stream")})
     assert r.status_code == 200, r.text
@@ -147,7 +312,9 @@ def test_exif_rotation_is_applied(client, mnist500):
     assert r.status_code == 200 and r.json()["index"] == label
 
 
-@pytest.mark.parametrize("text", ["\x00\x01\x07 a film \x1b[31m", "😍😍 loved it 🎬", "مذهل", "\u202e\u200b great \ufeff", "a" * 19999])
+@pytest.mark.parametrize(
+    "text", ["\x00\x01\x07 a film \x1b[31m", "😍😍 loved it 🎬", "مذهل", "\u202e\u200b great \ufeff", "a" * 19999]
+)
 def test_odd_but_valid_text_is_classified(client, text):
     r = client.post("/classify", json={"text": text})
     assert r.status_code == 200, r.text
@@ -155,7 +322,9 @@ def test_odd_but_valid_text_is_classified(client, text):
 
 
 def test_errors_never_echo_paths_or_environment(client):
-    r = client.post("/classify", files={"image": ("../../etc/passwd", b"root:x:0:0", "image/png")}, data={"model": "/etc/passwd"})
+    r = client.post(
+        "/classify", files={"image": ("../../etc/passwd", b"root:x:0:0", "image/png")}, data={"model": "/etc/passwd"}
+    )
     assert r.status_code == 400  # the name is looked up in the registry, never opened
     for body in (r.text, client.post("/generate", json={"n": "x" * 100}).text):
         assert "Traceback" not in body and "/work" not in body and "DEEPSERVE_" not in body

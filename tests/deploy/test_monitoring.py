@@ -21,8 +21,10 @@ PROM = REPO / "deploy" / "prometheus"
 DASHBOARD = REPO / "deploy" / "grafana" / "deepserve.json"
 MISSING = [tool for tool in ("prometheus", "promtool") if shutil.which(tool) is None]
 # CI installs them (make tools); elsewhere a missing Prometheus skips, loudly
-pytestmark = pytest.mark.skipif(bool(MISSING) and not os.environ.get("CI"),
-                                reason=f"{MISSING} not installed: run `make tools` (Debian's prometheus package)")  # fmt: skip
+pytestmark = pytest.mark.skipif(
+    bool(MISSING) and not os.environ.get("CI"),
+    reason=f"{MISSING} not installed: run `make tools` (Debian's prometheus package)",
+)
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess:
@@ -71,8 +73,16 @@ def stack(tmp_path_factory):
     config["rule_files"][0] = str(tmp / "recording.yml")
     (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_port()
-    prom = subprocess.Popen(["prometheus", f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}",
-                             f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=open(tmp / "log", "wb"))  # fmt: skip
+    prom = subprocess.Popen(
+        [
+            "prometheus",
+            f"--config.file={tmp / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp / "log", "wb"),
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
@@ -123,7 +133,9 @@ def test_prometheus_scrapes_deepserve_and_every_rule_and_panel_has_data(stack):
 
     groups = httpx.get(url + "/api/v1/rules", timeout=10).json()["data"]["groups"]
     rules = [r for g in groups for r in g["rules"]]
-    assert len(rules) == 19 and all(r["health"] == "ok" for r in rules), [(r["name"], r.get("lastError")) for r in rules]
+    assert len(rules) == 19 and all(r["health"] == "ok" for r in rules), [
+        (r["name"], r.get("lastError")) for r in rules
+    ]
     empty = [r["name"] for r in rules if r["type"] == "recording" and not query(url, r["name"])]
     assert not empty, f"recording rules with no data: {empty}"
     firing = query(url, 'ALERTS{alertstate="firing"}')

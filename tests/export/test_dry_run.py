@@ -9,17 +9,21 @@ import pytest
 
 from service.core import load_family
 from service.metadata import read_manifest
-
 from tests.conftest import REPO
-
 from training.families import FAMILIES
 
 DATA = os.environ.get("DEEPSERVE_DATA_DIR", str(REPO.parent / "shared" / "datasets"))
 
 
 def run_training(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "training", *args], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "training", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+        timeout=300,
+    )
 
 
 @pytest.mark.skipif(not os.path.isdir(DATA), reason="real datasets not present")

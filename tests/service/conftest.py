@@ -25,8 +25,14 @@ def free_port() -> int:
 class Server:
     """A running `bentoml serve` process with its own settings."""
 
-    def __init__(self, env: dict[str, str] | None = None, target: str = "service.service:DeepServe",
-                 cwd: Path = REPO, wait: bool = True, pythonpath: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        env: dict[str, str] | None = None,
+        target: str = "service.service:DeepServe",
+        cwd: Path = REPO,
+        wait: bool = True,
+        pythonpath: bool = True,
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"deepserve-test-{self.port}.log"
@@ -36,9 +42,12 @@ class Server:
             full_env["PYTHONPATH"] = str(REPO)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bentoml", "serve", target, "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=cwd, env=full_env, stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT,
+            cwd=cwd,
+            env=full_env,
+            stdout=open(self.log_path, "wb"),
+            stderr=subprocess.STDOUT,
             start_new_session=True,
-        )  # fmt: skip
+        )
         if wait:
             self.wait_ready()
 

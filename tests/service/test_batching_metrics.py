@@ -35,11 +35,19 @@ def test_concurrent_requests_are_run_as_one_onnx_batch(server, client, mnist500)
 
     responses = asyncio.run(fire())
     assert all(r.status_code == 200 for r in responses)
-    assert np.mean([r.json()["index"] == y for r, y in zip(responses, labels)]) >= 0.97  # answers not mixed up (mixed: ~0.1)
+    assert (
+        np.mean([r.json()["index"] == y for r, y in zip(responses, labels)]) >= 0.97
+    )  # answers not mixed up (mixed: ~0.1)
     after = scrape(client)
-    rows = series(after, "deepserve_batch_rows_sum", model="digits") - series(before, "deepserve_batch_rows_sum", model="digits")
-    batches = series(after, "deepserve_batch_rows_count", model="digits") - series(before, "deepserve_batch_rows_count", model="digits")
-    requests = series(after, "deepserve_batch_requests_sum", model="digits") - series(before, "deepserve_batch_requests_sum", model="digits")
+    rows = series(after, "deepserve_batch_rows_sum", model="digits") - series(
+        before, "deepserve_batch_rows_sum", model="digits"
+    )
+    batches = series(after, "deepserve_batch_rows_count", model="digits") - series(
+        before, "deepserve_batch_rows_count", model="digits"
+    )
+    requests = series(after, "deepserve_batch_requests_sum", model="digits") - series(
+        before, "deepserve_batch_requests_sum", model="digits"
+    )
     assert rows == 96 and requests == 96
     assert batches < 96 / 2, f"{batches} ONNX runs for 96 concurrent requests: batching did not merge them"
 
@@ -48,12 +56,19 @@ def test_all_deepserve_metrics_are_exported(client):
     client.post("/classify", json={"text": "fine"})
     client.post("/generate", json={"n": 0})  # a rejection
     text = client.get("/metrics").text
-    for name in ("deepserve_inference_seconds_bucket", "deepserve_batch_rows_bucket",
-                 "deepserve_rejected_requests_total", "deepserve_prediction_confidence_bucket",
-                 "deepserve_model_info"):  # fmt: skip
+    for name in (
+        "deepserve_inference_seconds_bucket",
+        "deepserve_batch_rows_bucket",
+        "deepserve_rejected_requests_total",
+        "deepserve_prediction_confidence_bucket",
+        "deepserve_model_info",
+    ):
         assert name in text, name
     assert re.search(r'deepserve_rejected_requests_total\{endpoint="/generate",reason="out_of_range"\} [1-9]', text)
-    assert re.search(r'deepserve_model_info\{model="digits",provider="CPUExecutionProvider",reason="[^"]*",version="[^"]+",worker="1"\} 1.0', text)
+    assert re.search(
+        r'deepserve_model_info\{model="digits",provider="CPUExecutionProvider",reason="[^"]*",version="[^"]+",worker="1"\} 1.0',
+        text,
+    )
     assert 'le="0.001"' in text  # buckets resolve milliseconds
     assert re.search(r'deepserve_http_requests_total\{code="200",endpoint="/classify"\} [1-9]', text)
     assert re.search(r'deepserve_stage_seconds_count\{endpoint="/classify",stage="infer"\} [1-9]', text)

@@ -15,8 +15,23 @@ from tests.conftest import REPO
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk not installed: make tools")
 def test_bench_smoke(tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "-m", "bench", "--seconds", "1", "--concurrency", "2", "--only", "noop", "fastapi",
-           "--no-docs", "--in-process-seconds", "0.02", "--out", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench",
+        "--seconds",
+        "1",
+        "--concurrency",
+        "2",
+        "--only",
+        "noop",
+        "fastapi",
+        "--no-docs",
+        "--in-process-seconds",
+        "0.02",
+        "--out",
+        str(out),
+    ]
     run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     results = json.loads(out.read_text())
@@ -28,11 +43,15 @@ def test_bench_smoke(tmp_path):
 
 
 def test_targets_compare_deepserve_with_the_best_peer():
-    point = lambda rps: {"rps": rps, "errors": 0, "p99_ms": 10.0}  # noqa: E731
-    results = {"servers": {"deepserve": {"classify-image": {"32": point(900)}},
-                           "fastapi": {"classify-image": {"32": point(1000)}},
-                           "litserve": {"classify-image": {"32": point(500)}},
-                           "noop": {"classify-image": {"32": point(1500)}}}}  # fmt: skip
+    point = lambda rps: {"rps": rps, "errors": 0, "p99_ms": 10.0}
+    results = {
+        "servers": {
+            "deepserve": {"classify-image": {"32": point(900)}},
+            "fastapi": {"classify-image": {"32": point(1000)}},
+            "litserve": {"classify-image": {"32": point(500)}},
+            "noop": {"classify-image": {"32": point(1500)}},
+        }
+    }
     rows = {name: ok for name, _, ok in targets(results)}
     assert rows["/classify (image): deepserve ≥ best peer at c=32"] is False
     assert rows["/classify (image) ≥ 50% of the no-op upload server"] is True

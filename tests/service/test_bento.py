@@ -12,8 +12,14 @@ from tests.service.conftest import Server
 
 def test_build_then_serve_the_bento(tmp_path):
     env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml")}
-    out = subprocess.run([sys.executable, "-m", "bentoml", "build", "--output", "tag"], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "bentoml", "build", "--output", "tag"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     tag = out.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
     assert tag.startswith("deepserve:")
@@ -30,8 +36,14 @@ def test_build_then_serve_the_bento(tmp_path):
 
 def test_the_gpu_bento_builds_with_onnxruntime_gpu_and_cuda(tmp_path):
     env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml")}
-    out = subprocess.run([sys.executable, "-m", "bentoml", "build", "-f", "deploy/bentofile-gpu.yaml", ".",
-                          "--output", "tag"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "bentoml", "build", "-f", "deploy/bentofile-gpu.yaml", ".", "--output", "tag"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     tag = out.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
     bento = tmp_path / "bentoml" / "bentos" / "deepserve-gpu" / tag.split(":")[1]

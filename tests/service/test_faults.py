@@ -28,11 +28,14 @@ def damage(root, how: str) -> None:
         meta_path.write_text(json.dumps(meta))
 
 
-@pytest.mark.parametrize("how, words", [
-    ("flip a byte", ["denoiser", "refusing to serve an unverified model"]),
-    ("delete the file", ["denoiser", "is missing"]),
-    ("drop a metadata field", ["model 'digits'", "preprocessing.mean", "Field required"]),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "how, words",
+    [
+        ("flip a byte", ["denoiser", "refusing to serve an unverified model"]),
+        ("delete the file", ["denoiser", "is missing"]),
+        ("drop a metadata field", ["model 'digits'", "preprocessing.mean", "Field required"]),
+    ],
+)
 def test_an_unverifiable_model_stops_startup_with_a_message(tmp_path, how, words):
     shutil.copytree(EXPORTED, tmp_path / "exported")
     damage(tmp_path / "exported", how)

@@ -11,10 +11,26 @@ import sys
 
 def test_schemathesis_finds_no_server_error_and_no_schema_violation(server, tmp_path):
     seed = os.environ.get("DEEPSERVE_FUZZ_SEED", "1")  # fixed for CI; set another to explore
-    cmd = [sys.executable, "-m", "schemathesis.cli", "run", f"{server.url}/openapi.json",
-           "--checks", "not_a_server_error,response_schema_conformance",
-           "--max-examples", "160", "--seed", seed, "--workers", "2", "--no-shrink",
-           "--report", "junit", "--report-dir", str(tmp_path)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "schemathesis.cli",
+        "run",
+        f"{server.url}/openapi.json",
+        "--checks",
+        "not_a_server_error,response_schema_conformance",
+        "--max-examples",
+        "160",
+        "--seed",
+        seed,
+        "--workers",
+        "2",
+        "--no-shrink",
+        "--report",
+        "junit",
+        "--report-dir",
+        str(tmp_path),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env={**os.environ, "NO_COLOR": "1"})
     summary = re.search(r"(\d+) generated, (\d+) passed", out.stdout)
     assert out.returncode == 0, out.stdout[-4000:]

@@ -11,9 +11,26 @@ from tests.conftest import REPO
 
 
 def run_locust(url: str, out, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "locust", "-f", str(REPO / "loadtests" / "locustfile.py"),
-           "--config", str(REPO / "loadtests" / "locust.conf"), "--host", url,
-           "--users", "16", "--spawn-rate", "16", "--run-time", "15s", "--csv", str(out / "short"), *extra]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(REPO / "loadtests" / "locustfile.py"),
+        "--config",
+        str(REPO / "loadtests" / "locust.conf"),
+        "--host",
+        url,
+        "--users",
+        "16",
+        "--spawn-rate",
+        "16",
+        "--run-time",
+        "15s",
+        "--csv",
+        str(out / "short"),
+        *extra,
+    ]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
@@ -22,8 +39,15 @@ def test_short_load_test_meets_its_thresholds(server, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "thresholds met" in out.stderr
     rows = {r["Name"]: r for r in csv.DictReader(open(tmp_path / "short_stats.csv"))}
-    for name in ("/classify digits", "/classify fashion", "/classify text", "/generate n=16",
-                 "/compress", "/decompress", "/denoise"):  # fmt: skip
+    for name in (
+        "/classify digits",
+        "/classify fashion",
+        "/classify text",
+        "/generate n=16",
+        "/compress",
+        "/decompress",
+        "/denoise",
+    ):
         assert int(rows[name]["Request Count"]) > 0, f"{name} was never called"
         assert int(rows[name]["Failure Count"]) == 0
     assert int(rows["Aggregated"]["Request Count"]) >= 100

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import os
 import threading
 import time
@@ -61,7 +62,10 @@ def server_side_p95(metrics: str, code: str) -> float:
     """p95 of BentoML's request duration for one status code, from /metrics (upper bucket bound)."""
     buckets = collections.Counter()
     for line in metrics.splitlines():
-        if line.startswith("bentoml_service_request_duration_seconds_bucket") and f'http_response_code="{code}"' in line:
+        if (
+            line.startswith("bentoml_service_request_duration_seconds_bucket")
+            and f'http_response_code="{code}"' in line
+        ):
             le = line.split('le="')[1].split('"')[0]
             buckets[float(le)] += float(line.rsplit(" ", 1)[1])
     total = buckets[float("inf")]
@@ -72,10 +76,8 @@ def tree_rss(pid: int) -> int:
     procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
     total = 0
     for p in procs:
-        try:
+        with contextlib.suppress(psutil.Error):
             total += p.memory_info().rss
-        except psutil.Error:
-            pass
     return total
 
 
@@ -107,9 +109,11 @@ def test_overload_sheds_fast_stays_bounded_and_recovers():
         server.stop()
     total = sum(counts.values())
     p99 = {code: round(float(np.percentile(v, 99)), 3) for code, v in latencies.items()}
-    print(f"\noverload {CONCURRENCY} clients x {SECONDS:.0f} s: {dict(counts)}; p99 s {p99}; "
-          f"peak RSS {max(peak) / 2**20:.0f} MiB (idle {peak[0] / 2**20:.0f} MiB); "
-          f"server-side p95: 503 <= {shed_p95} s, 200 <= {served_p95} s")  # fmt: skip
+    print(
+        f"\noverload {CONCURRENCY} clients x {SECONDS:.0f} s: {dict(counts)}; p99 s {p99}; "
+        f"peak RSS {max(peak) / 2**20:.0f} MiB (idle {peak[0] / 2**20:.0f} MiB); "
+        f"server-side p95: 503 <= {shed_p95} s, 200 <= {served_p95} s"
+    )
     assert counts[200] > 0 and counts[503] > 0, counts  # it served, and it shed
     bad = {k: v for k, v in counts.items() if k not in (200, 503)}
     assert not bad, f"answers other than 200/503 under overload: {bad}"

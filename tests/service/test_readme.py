@@ -20,6 +20,12 @@ def test_readme_has_python_examples_for_every_endpoint():
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_readme_python_example_runs(server, index):
-    out = subprocess.run([sys.executable, "-c", BLOCKS[index]], cwd=REPO, capture_output=True, text=True,
-                         env={**os.environ, "DEEPSERVE_URL": server.url}, timeout=120)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", BLOCKS[index]],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DEEPSERVE_URL": server.url},
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr

@@ -33,6 +33,7 @@ def load_gpu_check():
 
 # ------------------------------------------------------------------ the installed (CPU) onnxruntime
 
+
 def test_the_cpu_onnxruntime_has_no_cuda_provider_and_says_so():
     ort_dir = gpu.onnxruntime_dir()
     assert ort_dir is not None and (ort_dir / "capi").is_dir()
@@ -43,8 +44,13 @@ def test_the_cpu_onnxruntime_has_no_cuda_provider_and_says_so():
 
 def test_importing_service_gpu_does_not_import_onnxruntime():
     code = "import sys; import service.gpu; print('onnxruntime' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
-                         env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
 
@@ -56,18 +62,23 @@ def test_no_onnxruntime_at_all(monkeypatch):
 
 # ------------------------------------------------------------------ a fake onnxruntime-gpu
 
+
 def fake_ort(root: Path, cuda_version: str = "13.0") -> Path:
     capi = root / "site" / "onnxruntime" / "capi"
     capi.mkdir(parents=True)
     (capi / "build_and_package_info.py").write_text(
-        f"package_name = 'onnxruntime-gpu'\n__version__ = '1.31.1'\ncuda_version = '{cuda_version}'\n")
+        f"package_name = 'onnxruntime-gpu'\n__version__ = '1.31.1'\ncuda_version = '{cuda_version}'\n"
+    )
     return capi.parent
 
 
 def test_build_info_is_read_without_importing(tmp_path):
     ort_dir = fake_ort(tmp_path)
-    assert gpu.build_info(ort_dir) == {"package_name": "onnxruntime-gpu", "__version__": "1.31.1",
-                                       "cuda_version": "13.0"}  # fmt: skip
+    assert gpu.build_info(ort_dir) == {
+        "package_name": "onnxruntime-gpu",
+        "__version__": "1.31.1",
+        "cuda_version": "13.0",
+    }
 
 
 def test_a_provider_that_is_not_a_library_is_reported_as_a_broken_install(tmp_path):
@@ -78,12 +89,22 @@ def test_a_provider_that_is_not_a_library_is_reported_as_a_broken_install(tmp_pa
     assert "reinstall" in reason and "\n" not in reason
 
 
-def compile_lib(path: Path, soname: str, source: str = "int stub_symbol(void) { return 0; }",
-                link: list[str] | None = None) -> Path:
+def compile_lib(
+    path: Path, soname: str, source: str = "int stub_symbol(void) { return 0; }", link: list[str] | None = None
+) -> Path:
     src = path.with_suffix(".c")
     src.write_text(source)
-    cmd = [CC, "-shared", "-fPIC", "-o", str(path), str(src), f"-Wl,-soname,{soname}",
-           "-Wl,--no-as-needed", *(link or [])]  # fmt: skip
+    cmd = [
+        CC,
+        "-shared",
+        "-fPIC",
+        "-o",
+        str(path),
+        str(src),
+        f"-Wl,-soname,{soname}",
+        "-Wl,--no-as-needed",
+        *(link or []),
+    ]
     subprocess.run(cmd, check=True, capture_output=True)
     return path
 
@@ -103,18 +124,26 @@ def stubs(tmp_path):
     for name in ("libcublasLt.so.13", "libcuda.so.1"):
         compile_lib(link / name, name)
     ort_dir = fake_ort(tmp_path)
-    compile_lib(ort_dir / "capi" / gpu.PROVIDER, gpu.PROVIDER,
-                link=[f"-L{link}", "-l:libcublasLt.so.13", "-l:libcuda.so.1"])
+    compile_lib(
+        ort_dir / "capi" / gpu.PROVIDER, gpu.PROVIDER, link=[f"-L{link}", "-l:libcublasLt.so.13", "-l:libcuda.so.1"]
+    )
     return tmp_path, ort_dir, link
 
 
 def reason_in_child(ort_dir: Path, lib_dirs: list[Path], probe_device: bool = False) -> str | None:
     """cuda_unavailable_reason() in a fresh process: what one dlopen loads stays loaded."""
-    code = ("import json, sys; from pathlib import Path; from service.gpu import cuda_unavailable_reason; "
-            "print(json.dumps(cuda_unavailable_reason(Path(sys.argv[1]), probe_device=sys.argv[2] == '1')))")
+    code = (
+        "import json, sys; from pathlib import Path; from service.gpu import cuda_unavailable_reason; "
+        "print(json.dumps(cuda_unavailable_reason(Path(sys.argv[1]), probe_device=sys.argv[2] == '1')))"
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO), "LD_LIBRARY_PATH": ":".join(map(str, lib_dirs))}
-    out = subprocess.run([sys.executable, "-c", code, str(ort_dir), "1" if probe_device else "0"],
-                         capture_output=True, text=True, env=env, cwd=REPO)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(ort_dir), "1" if probe_device else "0"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 
@@ -163,8 +192,9 @@ def test_cudnn_device_count_and_success(stubs, tmp_path):
     assert reason_in_child(ort_dir, [libs]) is None  # no device probe: every library loads
     compile_lib(libs / "libcudart.so.13", "libcudart.so.13", CUDART.replace("COUNT", "0").replace("ERR", "100"))
     reason = reason_in_child(ort_dir, [libs], probe_device=True)
-    assert reason == ("CUDA libraries load, but cudaGetDeviceCount failed: "
-                      "no CUDA-capable device is detected (error 100)")  # fmt: skip
+    assert reason == (
+        "CUDA libraries load, but cudaGetDeviceCount failed: no CUDA-capable device is detected (error 100)"
+    )
     compile_lib(libs / "libcudart.so.13", "libcudart.so.13", CUDART.replace("COUNT", "0").replace("ERR", "0"))
     assert reason_in_child(ort_dir, [libs], probe_device=True).startswith("CUDA libraries load, but no CUDA device")
     compile_lib(libs / "libcudart.so.13", "libcudart.so.13", CUDART.replace("COUNT", "1").replace("ERR", "0"))
@@ -172,6 +202,7 @@ def test_cudnn_device_count_and_success(stubs, tmp_path):
 
 
 # ------------------------------------------------------------------ the GPU image's package set
+
 
 def test_gpu_check_reads_the_bentofiles_as_pyyaml_does():
     gc = load_gpu_check()

@@ -7,16 +7,22 @@ from PIL import Image
 from service import preprocessing as pp
 
 
-@pytest.mark.parametrize("text, tokens", [
-    ("It's a charming, often affecting journey.", ["it", "'s", "a", "charming", ",", "often", "affecting", "journey", "."]),
-    ("I DON'T like it!!", ["i", "do", "n't", "like", "it", "!", "!"]),
-    ("  spaced\tout\n", ["spaced", "out"]),
-    ("we'll see \u2014 maybe", ["we", "'ll", "see", "\u2014", "maybe"]),
-    ("well-made film", ["well-made", "film"]),
-    ("great \U0001f600 movie", ["great", "\U0001f600", "movie"]),
-    ("", []),
-    ("   ", []),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "text, tokens",
+    [
+        (
+            "It's a charming, often affecting journey.",
+            ["it", "'s", "a", "charming", ",", "often", "affecting", "journey", "."],
+        ),
+        ("I DON'T like it!!", ["i", "do", "n't", "like", "it", "!", "!"]),
+        ("  spaced\tout\n", ["spaced", "out"]),
+        ("we'll see \u2014 maybe", ["we", "'ll", "see", "\u2014", "maybe"]),
+        ("well-made film", ["well-made", "film"]),
+        ("great \U0001f600 movie", ["great", "\U0001f600", "movie"]),
+        ("", []),
+        ("   ", []),
+    ],
+)
 def test_tokenize_matches_sst2_conventions(text, tokens):
     assert pp.tokenize(text) == tokens
 

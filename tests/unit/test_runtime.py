@@ -18,8 +18,12 @@ def digits_dir(tmp_path):
     m = manifest()
     version = m["families"]["digits"]["active"]
     shutil.copytree(EXPORTED / "digits" / version, tmp_path / "digits" / version)
-    m = {"format": 2, "defaults": {}, "families": {"digits": m["families"]["digits"]},
-         "models": {"digits": m["models"]["digits"]}}  # fmt: skip
+    m = {
+        "format": 2,
+        "defaults": {},
+        "families": {"digits": m["families"]["digits"]},
+        "models": {"digits": m["models"]["digits"]},
+    }
     (tmp_path / "manifest.json").write_text(json.dumps(m))
     return tmp_path
 
@@ -88,12 +92,15 @@ def test_cuda_required_but_absent_fails_loudly():
     assert runtime.providers_for("auto") == [runtime.CPU]
 
 
-@pytest.mark.parametrize("feeds, message", [
-    ({"image": np.zeros((2, 1, 28, 28), np.float64)}, "dtype float64"),
-    ({"image": np.zeros((2, 1, 27, 28), np.float32)}, r"shape \(2, 1, 27, 28\)"),
-    ({"img": np.zeros((2, 1, 28, 28), np.float32)}, "inputs"),
-    ({"image": np.zeros((0, 1, 28, 28), np.float32)}, "empty"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "feeds, message",
+    [
+        ({"image": np.zeros((2, 1, 28, 28), np.float64)}, "dtype float64"),
+        ({"image": np.zeros((2, 1, 27, 28), np.float32)}, r"shape \(2, 1, 27, 28\)"),
+        ({"img": np.zeros((2, 1, 28, 28), np.float32)}, "inputs"),
+        ({"image": np.zeros((0, 1, 28, 28), np.float32)}, "empty"),
+    ],
+)
 def test_run_checks_inputs_against_metadata(digits_dir, feeds, message):
     vf, _ = files(digits_dir)
     model = runtime.load_model(digits_dir, "digits", vf, "cpu", 1)

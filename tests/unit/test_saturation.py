@@ -6,7 +6,7 @@ import sys
 from tests.conftest import REPO
 
 sys.path.insert(0, str(REPO / "loadtests"))
-import saturation  # noqa: E402
+import saturation
 
 
 def test_saturation_is_the_first_step_near_the_best(tmp_path, capsys):
@@ -18,8 +18,16 @@ def test_saturation_is_the_first_step_near_the_best(tmp_path, capsys):
         w.writeheader()
         for users, rs in rates.items():
             for r in rs:
-                w.writerow({"Timestamp": 0, "User Count": users, "Type": "", "Name": "Aggregated",
-                            "Requests/s": r, "95%": "N/A" if users == 0 else 10 * users})  # fmt: skip
+                w.writerow(
+                    {
+                        "Timestamp": 0,
+                        "User Count": users,
+                        "Type": "",
+                        "Name": "Aggregated",
+                        "Requests/s": r,
+                        "95%": "N/A" if users == 0 else 10 * users,
+                    }
+                )
             w.writerow({"Timestamp": 0, "User Count": users, "Type": "POST", "Name": "/x", "Requests/s": 1, "95%": 1})
     assert saturation.main(str(path)) == 0
     assert "saturation: 24 users" in capsys.readouterr().out
