@@ -23,7 +23,7 @@ help:
 	@echo "make lint         ruff check + ruff format --check (part of make test)"
 	@echo "make build        bentoml build (a Bento with service/ and exported/)"
 	@echo "make loadtest     locust against URL (default: starts deepserve); results/loadtest-*/"
-	@echo "make stress       8x saturation for a minute: sheds fast, bounded memory, recovers"
+	@echo "make stress       goodput at 8x saturation per endpoint (wrk, resending clients); 256 clients for a minute"
 	@echo "make bench        deepserve vs FastAPI, LitServe, no-op and in-process ORT -> docs/benchmarks.md"
 	@echo "make gpu-check    the GPU image's packages in .venv-gpu-check (~1.6 GB download): CUDA libraries all resolve (docs/gpu.md)"
 
@@ -59,7 +59,10 @@ tools:
 loadtest: $(VENV)/.dev-installed
 	loadtests/run.sh
 
-stress: $(VENV)/.dev-installed
+# overload goodput per model endpoint with wrk (clients that resend at once) -> docs/benchmarks.md,
+# then a minute of 256 Python clients: only 200/503, bounded memory, ready at once afterwards
+stress: $(VENV)/.dev-installed tools
+	$(PY) -m bench.stress
 	DEEPSERVE_STRESS_SECONDS=60 DEEPSERVE_STRESS_CONCURRENCY=256 $(PY) -m pytest tests/service/test_overload.py -s
 
 bench: $(VENV)/.dev-installed tools
@@ -110,3 +113,7 @@ clean:
 # CUDA provider must resolve every library but the driver's libcuda.so.1. Not in `make test`.
 gpu-check:
 	$(PYTHON) deploy/gpu_check.py --venv .venv-gpu-check
+
+# the playground's screenshots in docs/img/ (shown by the README), from a run of its browser test
+screenshots: $(VENV)/.dev-installed tools
+	$(PY) tests/browser/make_screenshots.py

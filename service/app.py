@@ -467,8 +467,10 @@ class App:
             headers.append(
                 (b"server-timing", ", ".join(f"{k};dur={v * 1000:.2f}" for k, v in req.timings.items()).encode())
             )
-        if self.drain is not None and self.drain.draining:
-            headers.append((b"connection", b"close"))  # a pooled client then opens a new connection elsewhere
+        if (self.drain is not None and self.drain.draining) or resp.status in (408, 413):
+            # draining: a pooled client then opens its next connection elsewhere; 408/413:
+            # the rest of the body was never read, so this connection cannot carry another
+            headers.append((b"connection", b"close"))
         await send({"type": "http.response.start", "status": resp.status, "headers": headers})
         await send({"type": "http.response.body", "body": b"" if req.method == "HEAD" else resp.body})
         self.record(req, resp.status, total)

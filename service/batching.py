@@ -22,6 +22,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from service.errors import ClientGone
+
 
 class Overloaded(Exception):
     """Shed: the request would have waited longer than max_latency_ms."""
@@ -119,7 +121,7 @@ class Batcher:
                 if p.future.done():  # cancelled: timed out or failed while queued
                     continue
                 if p.alive is not None and not p.alive():  # the client hung up while queued
-                    p.future.cancel()
+                    p.future.set_exception(ClientGone())
                     continue
                 batch.append(p)
             if not batch:

@@ -20,6 +20,7 @@ import numpy as np
 
 from service import metrics
 from service.batching import Batcher
+from service.errors import shown
 from service.metadata import Manifest, MetadataError, read_manifest
 from service.runtime import Model, ModelLoadError, load_model, sha256_file
 from service.settings import Settings, usable_cores
@@ -166,13 +167,13 @@ class Core:
         """A model at its active version, or at a pinned version that is loaded."""
         entry = self.manifest.models.get(name)
         if entry is None or entry.family not in self.active:
-            raise NotServed(f"no model {name!r}")
+            raise NotServed(f"no model {shown(name)}")
         loaded = self.active[entry.family]
         if version is not None and version != loaded.version:
             prev = self.previous.get(entry.family)
             if prev is None or prev.version != version:
                 raise NotServed(
-                    f"model {name!r} has no loaded version {version!r}; loaded: {self.loaded_versions(name)}"
+                    f"model {name!r} has no loaded version {shown(version)}; loaded: {self.loaded_versions(name)}"
                 )
             loaded = prev
         return loaded.models[name], loaded.batchers[name]

@@ -342,3 +342,28 @@ def test_wrong_method_and_unknown_path(client):
     assert r.status_code == 404 and r.json()["error"] == "no such path '/nope'; the API is described at /docs.json"
     r = client.get("/" + "x" * 5000)
     assert r.status_code == 404 and len(r.json()["error"]) < 200  # the path is not echoed in full
+
+
+LONG = "x" * 100_000
+
+
+@pytest.mark.parametrize(
+    "path, kwargs",
+    [
+        ("/classify", form(("image", ("a.png", DIGIT, "image/png")), model=LONG)),
+        ("/classify", form(("image", ("a.png", DIGIT, "image/png")), top_k=LONG[:60_000])),
+        ("/classify", form(("image", ("a.png", DIGIT, "image/png")), **{LONG[:5000]: "1"})),
+        ("/classify", {"json": {"text": "hi", "model": LONG}}),
+        ("/classify", {"json": {"text": "hi", "model_version": LONG}}),
+        ("/generate", {"json": {LONG[:50_000] + str(i): 1 for i in range(20)}}),
+        ("/generate", {"json": {"format": LONG}}),
+        ("/generate", {"json": {"n": LONG}}),
+        ("/decompress", {"json": {"code": LONG}}),
+        ("/" + LONG[:8000], {}),
+    ],
+    ids=["model", "top_k", "field name", "json model", "model_version", "json keys", "format", "n", "code", "path"],
+)
+def test_error_messages_never_echo_unbounded_input(client, path, kwargs):
+    r = client.post(path, **kwargs)
+    assert 400 <= r.status_code < 500, r.text[:300]
+    assert len(r.json()["error"]) < 400, r.json()["error"][:500]

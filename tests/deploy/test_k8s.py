@@ -60,6 +60,32 @@ def test_deployment_probes_resources_and_graceful_termination(name):
     assert dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > timeout + pre_stop
 
 
+@pytest.mark.parametrize("name", ["deepserve", "deepserve-gpu"])
+def test_both_deployments_fail_closed_and_set_the_connection_timeouts(name):
+    """No pod starts without the API key Secret (not optional), the key is read from the
+    mounted file, and the keep-alive outlives the load balancer's idle timeout (60 s)."""
+    spec = DOCS[f"Deployment/{name}"]["spec"]["template"]["spec"]
+    env = {e["name"]: e for e in container(name)["env"]}
+    assert "DEEPSERVE_API_KEY" not in env  # not from an optional env var
+    key_file = env["DEEPSERVE_API_KEY_FILE"]["value"]
+    volume = next(v for v in spec["volumes"] if v.get("secret", {}).get("secretName") == "deepserve")
+    assert volume["secret"]["optional"] is False
+    mount = next(m for m in container(name)["volumeMounts"] if m["name"] == volume["name"])
+    assert key_file == f"{mount['mountPath']}/{volume['secret']['items'][0]['path']}"
+    assert int(env["DEEPSERVE_KEEP_ALIVE_S"]["value"]) > 60
+    assert int(env["DEEPSERVE_GRACEFUL_SHUTDOWN_S"]["value"]) + 30 + 5 < spec["terminationGracePeriodSeconds"]
+
+
+def test_the_ingress_limits_headers_buffers_uploads_and_retries_model_calls():
+    ing = DOCS["Ingress/deepserve"]
+    notes = ing["metadata"]["annotations"]
+    assert notes["nginx.ingress.kubernetes.io/proxy-request-buffering"] == "on"
+    assert "non_idempotent" in notes["nginx.ingress.kubernetes.io/proxy-next-upstream"]
+    assert ing["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]["name"] == "deepserve"
+    controller = DOCS["ConfigMap/ingress-nginx-controller"]["data"]
+    assert int(controller["client-header-timeout"]) <= 10 and "large-client-header-buffers" in controller
+
+
 def test_gpu_variant_asks_for_a_gpu_and_refuses_cpu_fallback():
     c = container("deepserve-gpu")
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"

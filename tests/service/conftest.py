@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,16 +33,20 @@ class Server:
         cwd: Path = REPO,
         wait: bool = True,
         pythonpath: bool = True,
+        host: str = "127.0.0.1",
     ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"deepserve-test-{self.port}.log"
         full_env = {**os.environ, **(env or {})}
+        # BentoML wipes $BENTOML_HOME/prometheus_multiproc_dir when a server starts: servers
+        # that share a BENTOML_HOME erase each other's metrics (docs/operations.md)
+        full_env.setdefault("BENTOML_HOME", tempfile.mkdtemp(prefix=f"bentoml-{self.port}-"))
         full_env.pop("PYTHONPATH", None)
         if pythonpath:
             full_env["PYTHONPATH"] = str(REPO)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", target, "--host", "127.0.0.1", "--port", str(self.port)],
+            [sys.executable, "-m", "bentoml", "serve", target, "--host", host, "--port", str(self.port)],
             cwd=cwd,
             env=full_env,
             stdout=open(self.log_path, "wb"),

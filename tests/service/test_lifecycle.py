@@ -98,3 +98,52 @@ def test_a_worker_killed_with_sigkill_is_replaced_and_service_recovers():
             assert r.status_code == 200 and r.json()["label"] == "7"
     finally:
         server.stop()
+
+
+def test_sigterm_with_keep_alive_clients_loses_nothing_and_says_connection_close():
+    """Pooled clients (httpx defaults: keep-alive) posting steadily while the server gets
+    SIGTERM: every request written on an open connection gets a whole answer; answers sent
+    while draining carry `Connection: close`, so the pool opens its next connection anew
+    (refused once the port is closed: never sent, nothing lost)."""
+    server = Server()
+    outcomes, closes, stop = collections.Counter(), collections.Counter(), threading.Event()
+    signalled = threading.Event()
+
+    def pooled() -> None:
+        with httpx.Client(timeout=60) as c:  # default limits: keep-alive connections are reused
+            while not stop.is_set():
+                try:
+                    r = c.post(server.url + "/classify", files={"image": ("7.png", SEVEN, "image/png")})
+                    ok = r.status_code != 200 or r.json()["label"] == "7"
+                    outcomes[r.status_code if ok else "wrong body"] += 1
+                    if signalled.is_set() and time.monotonic() > signalled.at + 0.3:  # the signal has landed
+                        closes[r.headers.get("connection", "keep-alive")] += 1
+                except httpx.ConnectError:
+                    outcomes["refused"] += 1
+                    time.sleep(0.05)
+                except httpx.HTTPError as exc:
+                    outcomes[type(exc).__name__] += 1
+
+    clients = [threading.Thread(target=pooled) for _ in range(8)]
+    for t in clients:
+        t.start()
+    try:
+        time.sleep(2)
+        before = outcomes[200]
+        signalled.at = time.monotonic()
+        signalled.set()
+        server.proc.send_signal(signal.SIGTERM)
+        time.sleep(1.5)
+        stop.set()
+        code = server.proc.wait(timeout=60)
+    finally:
+        stop.set()
+        for t in clients:
+            t.join(60)
+        server.stop()
+    assert before > 20, outcomes
+    assert code == 0, server.log()[-2000:]
+    lost = {k: v for k, v in outcomes.items() if k not in (200, 503, "refused")}
+    assert not lost, f"requests lost during the drain: {lost} (all: {dict(outcomes)})"
+    assert outcomes[200] > before, outcomes  # it kept serving while draining
+    assert closes["close"] > 0 and set(closes) == {"close"}, closes

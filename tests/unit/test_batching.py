@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from service.batching import Batcher, CostModel, Overloaded
+from service.errors import ClientGone
 from service.tasks import Job, Task
 
 
@@ -96,7 +97,7 @@ def test_no_work_starts_for_cancelled_or_abandoned_requests():
         gone.cancel()
         release.set()
         await asyncio.gather(first, kept)
-        with pytest.raises(asyncio.CancelledError):
+        with pytest.raises(ClientGone):
             await hung_up
 
     asyncio.run(main())

@@ -1,0 +1,326 @@
+"""One client must never hurt another: hostile traffic against the real server, over real
+sockets, while bystanders measure what a normal client gets.
+
+Each test is one class of attack (docs/operations.md, "Threat model"): images whose decoded
+size is far beyond their file size, extreme shapes, per-request pixel floods, stalled and
+abandoned uploads, clients that hang up while queued, and random paths that would otherwise
+grow the metrics without bound.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import io
+import random
+import re
+import resource
+import socket
+import string
+import threading
+import time
+
+import httpx
+import numpy as np
+import psutil
+import pytest
+from PIL import Image
+
+from tests.conftest import FIXTURES
+from tests.service.conftest import Server
+
+SEVEN = (FIXTURES / "mnist_test0_label7.png").read_bytes()
+
+
+def blank_png(width: int, height: int) -> bytes:
+    """A valid PNG of zeros: a few KB on the wire, width × height pixels once decoded."""
+    buf = io.BytesIO()
+    Image.new("L", (width, height), 0).save(buf, format="PNG", compress_level=9)
+    return buf.getvalue()
+
+
+def tree_rss(pid: int) -> int:
+    total = 0
+    for p in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+class Bystander(threading.Thread):
+    """A polite client and a load balancer's probe, side by side with an attack: every answer
+    and its latency are recorded."""
+
+    def __init__(self, url: str):
+        super().__init__(daemon=True)
+        self.url, self.stop, self.results = url, threading.Event(), []
+
+    def run(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=30) as c:
+            while not self.stop.is_set():
+                for kind in ("classify", "readyz"):
+                    start = time.monotonic()
+                    try:
+                        if kind == "classify":
+                            r = c.post("/classify", files={"image": ("7.png", SEVEN, "image/png")})
+                            ok = r.status_code == 200 and r.json()["label"] == "7"
+                        else:
+                            ok = c.get("/readyz").status_code == 200
+                    except httpx.HTTPError:
+                        ok = False
+                    self.results.append((kind, ok, time.monotonic() - start))
+                time.sleep(0.02)
+
+    def report(self) -> dict:
+        self.stop.set()
+        self.join(30)
+        lat = {k: [t for kind, _, t in self.results if kind == k] for k in ("classify", "readyz")}
+        return {
+            "failed": [r for r in self.results if not r[1]],
+            "max_s": {k: max(v) for k, v in lat.items()},
+            "p99_s": {k: float(np.percentile(v, 99)) for k, v in lat.items()},
+            "n": len(self.results),
+        }
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = Server()
+    yield s
+    s.stop()
+
+
+def attack(url: str, bodies: list[bytes], path: str = "/classify", timeout: float = 60) -> list[int]:
+    """Send every body at once (one image each); the statuses that came back."""
+
+    def one(body: bytes) -> int:
+        try:
+            return httpx.post(url + path, files={"image": ("a.png", body, "image/png")}, timeout=timeout).status_code
+        except httpx.HTTPError as exc:
+            return type(exc).__name__
+
+    with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+        return list(pool.map(one, bodies))
+
+
+def under_attack(server: Server, bodies: list[bytes], rounds: int = 2) -> tuple[list, dict, int]:
+    idle_rss = tree_rss(server.proc.pid)
+    peak, watching = [idle_rss], threading.Event()
+
+    def watch():
+        while not watching.is_set():
+            peak.append(tree_rss(server.proc.pid))
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    bystander = Bystander(server.url)
+    bystander.start()
+    time.sleep(0.5)
+    statuses = []
+    for _ in range(rounds):
+        statuses += attack(server.url, bodies)
+    report = bystander.report()
+    watching.set()
+    watcher.join()
+    return statuses, report, max(peak) - idle_rss
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [(62_500, 256), (256, 62_500), (16_000_000, 1), (4000, 4000)],
+    ids=["wide strip 62500x256", "tall strip 256x62500", "one row of 16M", "4000x4000 blank"],
+)
+def test_images_that_decode_to_millions_of_pixels_do_not_hurt_bystanders(server, shape):
+    """A ~20 KB file that decodes to 16 M pixels (under the per-image limit, so it is served):
+    bounded memory (never max(w, h)² — a 62,500² canvas was 3.9 GB), decoded off the event
+    loop, so the probes and small requests next to it are not held up."""
+    body = blank_png(*shape)
+    assert len(body) < 100_000
+    statuses, report, grew = under_attack(server, [body] * 4)
+    assert set(statuses) <= {200, 503}, statuses  # served, or shed while the decoder is busy
+    assert 200 in statuses
+    assert not report["failed"], report["failed"][:5]
+    assert report["max_s"]["readyz"] < 1.0, report  # a probe never waits behind a decode
+    assert report["p99_s"]["classify"] < 1.0, report
+    assert grew < 1.0 * 2**30, f"memory grew by {grew / 2**20:.0f} MiB"
+
+
+def test_pixels_are_budgeted_per_request_from_the_headers(server):
+    """Three 16 M-pixel images in one request: 413 from the headers, before any decoding."""
+    big = blank_png(4000, 4000)
+    start = time.monotonic()
+    r = httpx.post(
+        server.url + "/classify", files=[("image", (f"{i}.png", big, "image/png")) for i in range(3)], timeout=30
+    )
+    assert r.status_code == 413 and "pixels together" in r.json()["error"], r.text
+    assert time.monotonic() - start < 2  # refused from the headers: 48 M pixels never decoded
+
+
+def test_a_thousand_stalled_uploads_change_nothing_for_a_normal_client():
+    """Uploads that stop sending never count against max_concurrency (only requests whose
+    body has arrived do) and get 408 after DEEPSERVE_BODY_IDLE_TIMEOUT_S."""
+    stalled_count = 1000
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = 2 * stalled_count + 500  # the test's sockets and the server's (docs/operations.md)
+    if hard != resource.RLIM_INFINITY and hard < need:
+        pytest.skip(f"needs {need} file descriptors (ulimit -n), the hard limit is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, need), hard))
+    s = Server(env={"DEEPSERVE_MAX_CONCURRENCY": "16", "DEEPSERVE_BODY_IDLE_TIMEOUT_S": "4"})
+    socks = []
+    try:
+        head = (
+            b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=zz\r\n"
+            b"Content-Length: 100000\r\n\r\n--zz\r\n"
+        )
+        for _ in range(stalled_count):
+            sock = socket.create_connection(("127.0.0.1", s.port))
+            sock.sendall(head)
+            socks.append(sock)
+        started = time.monotonic()
+        times = []
+        with httpx.Client(base_url=s.url, timeout=10) as c:
+            while time.monotonic() - started < 3:  # all 1,000 are stalled meanwhile
+                t0 = time.monotonic()
+                r = c.post("/classify", files={"image": ("7.png", SEVEN, "image/png")})
+                assert r.status_code == 200 and r.json()["label"] == "7", r.text
+                times.append(time.monotonic() - t0)
+        assert len(times) >= 10 and float(np.percentile(times, 95)) < 0.5, times
+        answered = 0
+        for sock in socks:
+            sock.settimeout(max(0.1, started + 15 - time.monotonic()))
+            try:
+                answered += sock.recv(64).startswith(b"HTTP/1.1 408")
+            except OSError:
+                pass
+        assert answered >= 0.99 * stalled_count, f"{answered} of {stalled_count} stalled uploads got 408"
+        r = httpx.get(s.url + "/metrics").text
+        assert re.search(r'deepserve_rejected_requests_total\{endpoint="/classify",reason="body_timeout"\} \d+', r)
+    finally:
+        for sock in socks:
+            sock.close()
+        s.stop()
+
+
+def scrape_lines(url: str) -> list[str]:
+    return [line for line in httpx.get(url + "/metrics", timeout=10).text.splitlines() if line and line[0] != "#"]
+
+
+def test_clients_that_hang_up_cost_no_5xx_no_traceback_and_no_model_work(server):
+    before = "\n".join(scrape_lines(server.url))
+    head = b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=zz\r\nContent-Length: 10000\r\n\r\n--zz\r\n"
+    for _ in range(30):  # mid-upload
+        sock = socket.create_connection(("127.0.0.1", server.port))
+        sock.sendall(head)
+        time.sleep(0.01)
+        sock.close()
+
+    def impatient(i: int) -> None:  # while queued behind a burst of large generations
+        try:
+            httpx.post(server.url + "/generate", json={"n": 64, "seed": i}, timeout=0.05)
+        except httpx.TimeoutException:
+            pass
+
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        list(pool.map(impatient, range(64)))
+    time.sleep(2)
+    lines = scrape_lines(server.url)
+    closed = sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in lines
+        if "deepserve_rejected_requests_total" in line and "client_closed" in line
+    )
+    assert closed >= 30, [line for line in lines if "rejected" in line]
+    fives = [line for line in lines if line.startswith("deepserve_http_requests_total") and 'code="5' in line]
+    assert not fives, fives
+    assert "Traceback" not in server.log() and "Exception in ASGI" not in server.log()
+    assert before  # (the scrape worked before, too)
+    # the generations whose clients were gone before their batch started never ran: fewer
+    # rows than requested reached the generator
+    rows = sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in lines
+        if line.startswith("deepserve_batch_rows_sum") and 'model="generator"' in line
+    )
+    assert rows < 64 * 64 + 64 * 3 * 12  # 64 requests of 64 rows (plus warm-up) would be at least this
+
+
+def test_random_paths_do_not_grow_the_metrics(server):
+    rng = random.Random(0)
+
+    def junk_path() -> str:
+        kind = rng.choice(["plain", "static", "v2", "deep", "query", "long"])
+        word = "".join(rng.choices(string.ascii_letters + string.digits + "-_.%", k=rng.randint(1, 30)))
+        return {
+            "plain": f"/{word}",
+            "static": f"/static/{word}.js",
+            "v2": f"/v2/models/{word}/infer",
+            "deep": f"/{word}/{word}/{word}",
+            "query": f"/classify?{word}={word}",
+            "long": "/" + word * 200,
+        }[kind]
+
+    def flood(n: int) -> None:
+        with httpx.Client(base_url=server.url, timeout=10) as c:
+            for _ in range(n):
+                c.request(rng.choice(["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD"]), junk_path())
+
+    flood(200)
+    before = scrape_lines(server.url)
+    flood(3000)
+    after = scrape_lines(server.url)
+    # every label value comes from a fixed set, never from what a client sent
+    endpoints = set(re.findall(r'endpoint="([^"]*)"', "\n".join(after)))
+    routes = {
+        "/classify",
+        "/generate",
+        "/compress",
+        "/decompress",
+        "/denoise",
+        "/models",
+        "/docs.json",
+        "/openapi.json",
+        "/schema.json",
+        "/",
+        "/docs",
+        "/static/*",
+        "unrouted",
+        "/livez",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    }
+    routes |= {e for e in endpoints if e.startswith(("/v2", "/admin"))} & TEMPLATES
+    assert endpoints <= routes, sorted(endpoints - routes)[:20]
+    assert len(after) <= len(before) + 60, f"{len(before)} series before 3,000 random paths, {len(after)} after"
+
+
+TEMPLATES = {
+    "/v2",
+    "/v2/health/live",
+    "/v2/health/ready",
+    "/v2/models/{name}",
+    "/v2/models/{name}/ready",
+    "/v2/models/{name}/config",
+    "/v2/models/{name}/infer",
+    "/v2/models/{name}/versions/{version}",
+    "/v2/models/{name}/versions/{version}/ready",
+    "/v2/models/{name}/versions/{version}/config",
+    "/v2/models/{name}/versions/{version}/infer",
+    "/admin/models/{family}/load",
+    "/admin/models/{family}/rollback",
+}
+
+
+def test_an_open_port_without_an_api_key_is_logged_loudly():
+    s = Server(host="0.0.0.0")
+    try:
+        assert "with no API key" in s.log()
+    finally:
+        s.stop()
+    s = Server(env={"DEEPSERVE_API_KEY": "k"})
+    try:
+        assert "with no API key" not in s.log()
+    finally:
+        s.stop()
