@@ -454,6 +454,9 @@ class ConditionalGeneration(Task):
 class _OneImage(Task):
     body = "multipart"
 
+    def max_rows(self, s) -> int:  # one image per HTTP request; up to max_images rows through /v2
+        return s.max_images
+
     def properties(self, s, models):
         return {"image": IMAGE_FILE}, ["image"]
 
@@ -512,6 +515,9 @@ class Decompression(Task):
     route, body = "/decompress", "json"
     fields = frozenset({"code"})
     summary = "Decode a code from /compress to a 28×28 PNG"
+
+    def max_rows(self, s) -> int:
+        return s.max_images
 
     def check(self, model: Model) -> None:
         _expect(model, "inputs", {"latent": "float32"})

@@ -1,9 +1,604 @@
-"""Open Inference Protocol v2 (KServe v2 / Triton HTTP): filled in by issue 12."""
+"""The Open Inference Protocol (KServe v2 / Triton HTTP/REST) under /v2.
+
+Every served model is there under its name with its ONNX signature: normalized inputs and
+raw outputs exactly as its metadata declares (variable dimensions as -1), plus views that
+reuse a model's batcher and version with a friendlier signature (`sentiment_text`: text in,
+probabilities and label out, tokenized by the same code as /classify). Requests go through
+the same batchers, limits, API key, metrics, shedding and drain as every other model
+endpoint: rows are capped by the matching endpoint's limit, element counts are checked
+against shapes before anything is allocated, and a request of 64 rows is one batch item.
+
+JSON tensors and the binary tensor data extension (`Inference-Header-Content-Length`,
+`binary_data_size`, `binary_data_output`, BYTES as 4-byte little-endian length prefixes)
+are understood in both directions; any Content-Type is accepted on infer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from service.errors import ApiError, shown
+from service.metadata import TensorSpec
+from service.runtime import Model
+from service.tasks import TASKS, Job, TextClassification, calibrated
+
+DATATYPES = {"float32": "FP32", "int64": "INT64", "uint8": "UINT8"}
+NUMPY = {
+    "FP32": np.float32,
+    "INT64": np.int64,
+    "UINT8": np.uint8,
+    "FP64": np.float64,
+    "INT32": np.int32,
+    "FP16": np.float16,
+    "INT8": np.int8,
+    "INT16": np.int16,
+    "UINT16": np.uint16,
+    "UINT32": np.uint32,
+    "UINT64": np.uint64,
+    "BOOL": np.bool_,
+}
+TRITON_TYPES = {"FP32": "TYPE_FP32", "INT64": "TYPE_INT64", "UINT8": "TYPE_UINT8", "BYTES": "TYPE_STRING"}
+EXTENSIONS = ["binary_tensor_data", "model_configuration"]
+MAX_TEXT_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    datatype: str
+    shape: list[int]  # -1 for a variable dimension (the first is the batch)
+
+
+@dataclass
+class View:
+    """What /v2 serves under one name: a model's own signature, or a view of it."""
+
+    name: str
+    model: str  # the underlying model (its batcher and version)
+    inputs: list[Tensor]
+    outputs: list[Tensor]
+    to_job: Callable[[Model, dict[str, np.ndarray], Any], Job]
+    max_seq: int | None = None  # for a variable second dimension (token ids)
+
+
+def _tensor(spec: TensorSpec) -> Tensor:
+    return Tensor(spec.name, DATATYPES[spec.dtype], [d if isinstance(d, int) else -1 for d in spec.shape])
+
+
+def views(core) -> dict[str, View]:
+    """Every /v2 name this worker serves (models at their active version, and views)."""
+    out = {}
+    for name, model in core.models.items():
+        task = TASKS[model.task]
+        raw = View(
+            name,
+            name,
+            [_tensor(s) for s in model.meta.inputs],
+            [_tensor(s) for s in model.meta.outputs],
+            _raw_job(task),
+        )
+        if model.task == TextClassification.name:
+            raw.max_seq = model.meta.preprocessing.max_tokens
+            out[f"{name}_text"] = View(
+                f"{name}_text",
+                name,
+                [Tensor("text", "BYTES", [-1])],
+                [Tensor("probabilities", "FP32", [-1, len(model.meta.labels)]), Tensor("label", "BYTES", [-1])],
+                _text_job,
+            )
+        out[name] = raw
+    return out
+
+
+def _raw_job(task) -> Callable:
+    def job(model: Model, feeds: dict[str, np.ndarray], s) -> Job:
+        if task.name == TextClassification.name:  # tokens (B, T) + lengths (B,) -> id lists
+            tokens, lengths = feeds["tokens"], feeds["lengths"]
+            if np.any(lengths < 1) or np.any(lengths > tokens.shape[1]):
+                raise ApiError(
+                    400, f"lengths must be between 1 and {tokens.shape[1]} (the tokens' width)", "bad_tensor"
+                )
+            vocab = len(model.meta.vocabulary)
+            if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):
+                raise ApiError(400, f"token ids must be between 0 and {vocab - 1}", "bad_tensor")
+            return Job([row[:n].tolist() for row, n in zip(tokens, lengths)], len(lengths))
+        return Job(feeds, len(next(iter(feeds.values()))))
+
+    return job
+
+
+def _text_job(model: Model, feeds: dict[str, np.ndarray], s) -> Job:
+    texts = []
+    for i, raw in enumerate(feeds["text"]):
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ApiError(400, f"text[{i}] is not UTF-8", "bad_tensor") from None
+        if len(text) > s.max_text_chars:
+            raise ApiError(
+                413, f"text[{i}] is {len(text)} characters; the limit is {s.max_text_chars}", "text_too_long"
+            )
+        if not text.strip():
+            raise ApiError(400, f"text[{i}] is empty or only whitespace", "empty_text")
+        texts.append(text)
+    sequences = TASKS[model.task].encode(model, texts)
+    labels = model.meta.labels
+
+    def finish(out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        probs = calibrated(model, out["logits"])
+        return {"probabilities": probs, "label": np.array([labels[i].encode() for i in probs.argmax(1)], dtype=object)}
+
+    return Job(sequences, len(sequences), finish)
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def parse_request(body: bytes, header_length: str) -> tuple[dict, bytes]:
+    """Split a request into its JSON header and the binary data that follows it."""
+    if header_length:
+        if not header_length.isdigit() or int(header_length) > len(body):
+            raise ApiError(400, "Inference-Header-Content-Length is not a length within the body", "bad_header")
+        n = int(header_length)
+        head, binary = body[:n], body[n:]
+    else:
+        head, binary = body, b""
+    from service.app import parse_json
+
+    payload = parse_json(head)
+    if not isinstance(payload, dict):
+        raise ApiError(400, "the inference request must be a JSON object", "bad_json")
+    return payload, binary
+
+
+def _count(data) -> int:
+    """Elements of a (possibly nested) JSON list, without building anything."""
+    if isinstance(data, list):
+        return sum(_count(x) for x in data)
+    return 1
+
+
+def _flatten(data, out: list) -> list:
+    if isinstance(data, list):
+        for x in data:
+            _flatten(x, out)
+    else:
+        out.append(data)
+    return out
+
+
+def decode_inputs(view: View, payload: dict, binary: bytes, max_rows: int) -> dict[str, np.ndarray]:
+    """The request's input tensors, each checked against the view's signature and the row
+    limit before its data is read."""
+    inputs = payload.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise ApiError(400, "'inputs' must be a non-empty list of tensors", "bad_tensor")
+    specs = {t.name: t for t in view.inputs}
+    given = {}
+    offset = 0
+    for tensor in inputs:
+        if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
+            raise ApiError(400, "every input needs a 'name'", "bad_tensor")
+        name = tensor["name"]
+        spec = specs.get(name)
+        if spec is None:
+            raise ApiError(
+                400,
+                f"unexpected input {shown(name)} for model '{view.name}'; it takes {[t.name for t in view.inputs]}",
+                "bad_tensor",
+            )
+        if name in given:
+            raise ApiError(400, f"input '{name}' is given twice", "bad_tensor")
+        datatype, shape = tensor.get("datatype"), tensor.get("shape")
+        if datatype != spec.datatype:
+            raise ApiError(
+                400,
+                f"input '{name}' has datatype {shown(datatype)}; model '{view.name}' expects {spec.datatype}",
+                "bad_tensor",
+            )
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+            raise ApiError(400, f"input '{name}' needs a shape: a list of integers", "bad_tensor")
+        check_shape(view, spec, shape, max_rows)
+        count = math.prod(shape)
+        params = tensor.get("parameters") or {}
+        size = params.get("binary_data_size") if isinstance(params, dict) else None
+        if size is not None:
+            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+                raise ApiError(400, f"input '{name}': binary_data_size does not fit the binary data", "bad_tensor")
+            given[name] = _from_binary(spec, shape, count, binary[offset : offset + size])
+            offset += size
+        else:
+            if "data" not in tensor:
+                raise ApiError(400, f"input '{name}' has neither 'data' nor binary_data_size", "bad_tensor")
+            given[name] = _from_json(spec, shape, count, tensor["data"])
+    missing = [t.name for t in view.inputs if t.name not in given]
+    if missing:
+        raise ApiError(400, f"model '{view.name}' needs inputs {missing}", "bad_tensor")
+    rows = {a.shape[0] for a in given.values()}
+    if len(rows) != 1:
+        raise ApiError(400, "the inputs disagree on the batch size (their first dimension)", "bad_tensor")
+    if offset != len(binary):
+        raise ApiError(400, f"{len(binary) - offset} bytes of binary data belong to no input", "bad_tensor")
+    return given
+
+
+def check_shape(view: View, spec: Tensor, shape: list[int], max_rows: int) -> None:
+    name = spec.name
+    if len(shape) != len(spec.shape):
+        raise ApiError(
+            400, f"input '{name}' has shape {shown(shape, 60)}; model '{view.name}' expects {spec.shape}", "bad_tensor"
+        )
+    for want, got in zip(spec.shape, shape):
+        if got < 0 or (want != -1 and got != want):
+            raise ApiError(
+                400,
+                f"input '{name}' has shape {shown(shape, 60)}; model '{view.name}' expects {spec.shape}",
+                "bad_tensor",
+            )
+    if not 1 <= shape[0] <= max_rows:
+        raise ApiError(
+            400,
+            f"input '{name}' has {shape[0]} rows; model '{view.name}' takes 1 to {max_rows} per request",
+            "too_many_rows",
+        )
+    if len(shape) > 1 and spec.shape[1] == -1:
+        limit = view.max_seq or 0
+        if not 1 <= shape[1] <= limit:
+            raise ApiError(400, f"input '{name}' has {shape[1]} columns; 1 to {limit} are allowed", "bad_tensor")
+
+
+def _from_binary(spec: Tensor, shape: list[int], count: int, raw: bytes) -> np.ndarray:
+    if spec.datatype == "BYTES":
+        items, pos = [], 0
+        while pos < len(raw):
+            if pos + 4 > len(raw):
+                raise ApiError(400, f"input '{spec.name}': a BYTES length prefix is cut off", "bad_tensor")
+            (n,) = struct.unpack_from("<I", raw, pos)
+            if n > MAX_TEXT_BYTES or pos + 4 + n > len(raw):
+                raise ApiError(400, f"input '{spec.name}': a BYTES element runs past the data", "bad_tensor")
+            items.append(raw[pos + 4 : pos + 4 + n])
+            pos += 4 + n
+        if len(items) != count:
+            raise ApiError(
+                400, f"input '{spec.name}' has {len(items)} elements; its shape {shape} needs {count}", "bad_tensor"
+            )
+        return np.array(items, dtype=object).reshape(shape)
+    dtype = NUMPY[spec.datatype]
+    if len(raw) != count * np.dtype(dtype).itemsize:
+        raise ApiError(
+            400,
+            f"input '{spec.name}' has {len(raw)} bytes; its shape {shape} needs {count * np.dtype(dtype).itemsize}",
+            "bad_tensor",
+        )
+    return np.frombuffer(raw, dtype=dtype).reshape(shape).copy()
+
+
+def _from_json(spec: Tensor, shape: list[int], count: int, data) -> np.ndarray:
+    got = _count(data)
+    if got != count:
+        raise ApiError(400, f"input '{spec.name}' has {got} elements; its shape {shape} needs {count}", "bad_tensor")
+    flat = _flatten(data, [])
+    if spec.datatype == "BYTES":
+        if not all(isinstance(x, str) for x in flat):
+            raise ApiError(400, f"input '{spec.name}' (BYTES) must hold strings", "bad_tensor")
+        return np.array([x.encode() for x in flat], dtype=object).reshape(shape)
+    kind = int if spec.datatype in ("INT64", "UINT8") else (int, float)
+    if not all(isinstance(x, kind) and not isinstance(x, bool) for x in flat):
+        raise ApiError(400, f"input '{spec.name}' ({spec.datatype}) must hold numbers of that type", "bad_tensor")
+    try:
+        arr = np.array(flat, dtype=NUMPY[spec.datatype])
+    except (OverflowError, ValueError):
+        raise ApiError(
+            400, f"input '{spec.name}' holds values out of range for {spec.datatype}", "bad_tensor"
+        ) from None
+    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+        raise ApiError(400, f"input '{spec.name}' holds NaN or infinite values", "bad_tensor")
+    return arr.reshape(shape)
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def encode_outputs(view: View, payload: dict, outputs: dict[str, np.ndarray]) -> tuple[dict, bytes]:
+    """The response: JSON tensors, or binary data after the JSON header where asked for."""
+    params = payload.get("parameters") if isinstance(payload.get("parameters"), dict) else {}
+    all_binary = bool(params.get("binary_data_output", False))
+    wanted = payload.get("outputs")
+    known = {t.name: t for t in view.outputs}
+    if wanted is None:
+        selection = [(t.name, all_binary) for t in view.outputs]
+    else:
+        if not isinstance(wanted, list):
+            raise ApiError(400, "'outputs' must be a list", "bad_tensor")
+        selection = []
+        for o in wanted:
+            name = o.get("name") if isinstance(o, dict) else None
+            if name not in known:
+                raise ApiError(
+                    400, f"unknown output {shown(name)} for model '{view.name}'; it has {list(known)}", "bad_tensor"
+                )
+            p = o.get("parameters") if isinstance(o.get("parameters"), dict) else {}
+            selection.append((name, bool(p.get("binary_data", all_binary))))
+    tensors, blobs = [], []
+    for name, binary in selection:
+        arr, spec = outputs[name], known[name]
+        entry = {"name": name, "datatype": spec.datatype, "shape": list(arr.shape)}
+        if binary:
+            raw = _to_binary(arr, spec.datatype)
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            blobs.append(raw)
+        else:
+            entry["data"] = [x.decode() for x in arr.ravel()] if spec.datatype == "BYTES" else arr.ravel().tolist()
+        tensors.append(entry)
+    head = {"model_name": view.name, "outputs": tensors}
+    return head, b"".join(blobs)
+
+
+def _to_binary(arr: np.ndarray, datatype: str) -> bytes:
+    if datatype == "BYTES":
+        return b"".join(struct.pack("<I", len(x)) + x for x in arr.ravel())
+    return np.ascontiguousarray(arr, dtype=NUMPY[datatype]).tobytes()
+
+
+# --------------------------------------------------------------------------- routes
+
+TEMPLATES = ("", "/ready", "/config", "/infer")
 
 
 def install(app) -> None:
-    pass
+    from service.app import Response, Route, json_response
+
+    def error(status: int, message: str, reason: str):
+        return ApiError(status, message, reason)
+
+    cache: dict[tuple, dict[str, View]] = {}
+
+    def current(req) -> tuple[Any, dict[str, View]]:
+        core = app.core
+        if core is None:
+            raise error(503, "deepserve is starting: models are not loaded yet", "not_ready")
+        key = tuple((n, m.version) for n, m in core.models.items())  # changes when a version is swapped in
+        if key not in cache:
+            cache.clear()
+            cache[key] = views(core)
+        return core, cache[key]
+
+    def find(req, name: str, version: str | None) -> tuple[View, Model, Any]:
+        core, table = current(req)
+        view = table.get(name)
+        if view is None:
+            raise error(404, f"unknown model {shown(name)}; served: {sorted(table)}", "not_served")
+        model, batcher = core.resolve(view.model, version)
+        return view, model, batcher
+
+    async def server_metadata(req) -> Response:
+        return json_response({"name": "deepserve", "version": "0.2.0", "extensions": EXTENSIONS})
+
+    async def live(req) -> Response:
+        return json_response({"live": True})
+
+    async def ready(req) -> Response:
+        ok = app.core is not None and app.core.ready and not (app.drain is not None and app.drain.draining)
+        return json_response({"ready": ok}, 200 if ok else 503)
+
+    async def model_metadata(req, name: str, version: str | None = None) -> Response:
+        app.check_api_key(req)
+        view, model, _ = find(req, name, version)
+        return json_response(
+            {
+                "name": view.name,
+                "versions": app.core.loaded_versions(view.model),
+                "platform": "onnxruntime_onnx",
+                "inputs": [t.__dict__ for t in view.inputs],
+                "outputs": [t.__dict__ for t in view.outputs],
+            }
+        )
+
+    async def model_ready(req, name: str, version: str | None = None) -> Response:
+        app.check_api_key(req)
+        view, model, _ = find(req, name, version)
+        ok = app.core.ready and not (app.drain is not None and app.drain.draining)
+        return json_response({"name": view.name, "ready": ok}, 200 if ok else 503)
+
+    async def model_config(req, name: str, version: str | None = None) -> Response:
+        app.check_api_key(req)
+        view, model, _ = find(req, name, version)
+        s = app.settings
+        rows = TASKS[model.task].max_rows(s)
+
+        def dims(t: Tensor) -> dict:
+            return {"name": t.name, "data_type": TRITON_TYPES[t.datatype], "dims": t.shape[1:] or [1]}
+
+        return json_response(
+            {
+                "name": view.name,
+                "platform": "onnxruntime_onnx",
+                "backend": "onnxruntime",
+                "max_batch_size": rows,
+                "input": [dims(t) for t in view.inputs],
+                "output": [dims(t) for t in view.outputs],
+                "version_policy": {"specific": {"versions": app.core.loaded_versions(view.model)}},
+                "dynamic_batching": {"max_queue_delay_microseconds": 0, "preferred_batch_size": [s.max_batch_size]},
+                "parameters": {"task": {"string_value": model.task}, "family": {"string_value": model.family}},
+            }
+        )
+
+    async def infer(req, name: str, version: str | None = None) -> Response:
+        view, model, batcher = find(req, name, version)
+        s = app.settings
+        body = await req.body(s.max_body_bytes)
+        if len(body) > 65536:
+            payload, binary = await app.offload(parse_request, body, req.header("inference-header-content-length"))
+        else:
+            payload, binary = parse_request(body, req.header("inference-header-content-length"))
+        started = time.perf_counter()
+        feeds = decode_inputs(view, payload, binary, TASKS[model.task].max_rows(s))
+        job = view.to_job(model, feeds, s)
+        req.timings["decode"] = time.perf_counter() - started
+        batcher.admit(job.rows)
+        app.in_flight += 1
+        try:
+            outputs = await batcher.submit(job, job.rows, req.alive)
+        finally:
+            app.in_flight -= 1
+        req.timings["queue"], req.timings["infer"] = job.queued_s, job.infer_s
+        started = time.perf_counter()
+        head, blob = encode_outputs(view, payload, outputs)
+        if "id" in payload:
+            head["id"] = payload["id"]
+        head["model_version"] = model.version
+        text = json.dumps(head, separators=(",", ":")).encode()
+        req.timings["encode"] = time.perf_counter() - started
+        if blob:
+            headers = [(b"inference-header-content-length", str(len(text)).encode())]
+            return Response(200, text + blob, "application/octet-stream", headers)
+        return Response(200, text, "application/json")
+
+    app.add("/v2", server_metadata)
+    app.add("/v2/health/live", live)
+    app.add("/v2/health/ready", ready)
+
+    handlers = {"": model_metadata, "/ready": model_ready, "/config": model_config, "/infer": infer}
+    routes = {}
+    for suffix, handler in handlers.items():
+        infer_route = suffix == "/infer"
+        methods = ("POST",) if infer_route else ("GET",)
+        for versioned in (False, True):
+            template = "/v2/models/{name}" + ("/versions/{version}" if versioned else "") + suffix
+            routes[(versioned, suffix)] = Route(template, methods, handler, model_work=infer_route)
+
+    def match(path: str):
+        parts = path.split("/")[3:]  # after '', 'v2', 'models'
+        if not parts or not parts[0]:
+            return None
+        name, rest = parts[0], parts[1:]
+        params = {"name": name}
+        versioned = len(rest) >= 2 and rest[0] == "versions" and rest[1] != ""
+        if versioned:
+            params["version"], rest = rest[1], rest[2:]
+        if len(rest) > 1:
+            return None
+        suffix = "/" + rest[0] if rest else ""
+        route = routes.get((versioned, suffix))
+        return (route, params) if route is not None else None
+
+    app.add_prefix("/v2/models/", match)
 
 
 def openapi_paths(settings, core) -> dict:
-    return {}
+    """The /v2 routes in the OpenAPI document (the protocol's own schema is KServe's)."""
+    err = {
+        "description": "Triton-style error",
+        "content": {
+            "application/json": {
+                "schema": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
+            }
+        },
+    }
+    obj = {"application/json": {"schema": {"type": "object"}}}
+    name = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+    version = {"name": "version", "in": "path", "required": True, "schema": {"type": "string"}}
+    tensor_request = {
+        "type": "object",
+        "required": ["inputs"],
+        "properties": {
+            "id": {"type": "string"},
+            "parameters": {"type": "object"},
+            "inputs": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["name", "shape", "datatype"],
+                    "properties": {
+                        "name": {"type": "string"},
+                        "shape": {"type": "array", "items": {"type": "integer"}},
+                        "datatype": {"type": "string"},
+                        "parameters": {"type": "object"},
+                        "data": {"type": "array"},
+                    },
+                },
+            },
+            "outputs": {"type": "array", "items": {"type": "object"}},
+        },
+    }
+    paths = {
+        "/v2": {
+            "get": {
+                "summary": "Open Inference Protocol: server metadata",
+                "responses": {"200": {"description": "metadata", "content": obj}},
+            }
+        },
+        "/v2/health/live": {
+            "get": {"summary": "liveness", "responses": {"200": {"description": "live", "content": obj}}}
+        },
+        "/v2/health/ready": {
+            "get": {
+                "summary": "readiness (503 while starting or draining)",
+                "responses": {
+                    "200": {"description": "ready", "content": obj},
+                    "503": {"description": "not ready", "content": obj},
+                },
+            }
+        },
+    }
+    for versioned in (False, True):
+        base = "/v2/models/{name}" + ("/versions/{version}" if versioned else "")
+        params = [name, version] if versioned else [name]
+        codes = {"401": err, "404": err, "503": err}
+        paths[base] = {
+            "get": {
+                "summary": "model metadata: its tensors",
+                "parameters": params,
+                "responses": {"200": {"description": "metadata", "content": obj}, **codes},
+            }
+        }
+        paths[base + "/ready"] = {
+            "get": {
+                "summary": "model readiness",
+                "parameters": params,
+                "responses": {"200": {"description": "ready", "content": obj}, **codes},
+            }
+        }
+        paths[base + "/config"] = {
+            "get": {
+                "summary": "Triton-style model configuration",
+                "parameters": params,
+                "responses": {"200": {"description": "config", "content": obj}, **codes},
+            }
+        }
+        paths[base + "/infer"] = {
+            "post": {
+                "summary": "inference with JSON tensors or the binary tensor data extension",
+                "parameters": params,
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {"schema": tensor_request},
+                        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                    },
+                },
+                "responses": {
+                    "200": {
+                        "description": "output tensors",
+                        "content": {
+                            **obj,
+                            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                        },
+                    },
+                    "400": err,
+                    **codes,
+                    "408": err,
+                    "413": err,
+                    "504": err,
+                },
+            }
+        }
+    return paths

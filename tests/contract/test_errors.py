@@ -367,3 +367,76 @@ def test_error_messages_never_echo_unbounded_input(client, path, kwargs):
     r = client.post(path, **kwargs)
     assert 400 <= r.status_code < 500, r.text[:300]
     assert len(r.json()["error"]) < 400, r.json()["error"][:500]
+
+
+def _digit_on_paper(mnist500, index: int, size: tuple[int, int]) -> Image.Image:
+    """A dark digit on light paper, like a photo of a handwritten one."""
+    return Image.fromarray(255 - mnist500[0][index]).resize(size, Image.Resampling.BICUBIC)
+
+
+def _save(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def _frames(mnist500, n: int) -> list[Image.Image]:
+    return [Image.fromarray(mnist500[0][i % 10]) for i in range(n)]
+
+
+ODD_VALID = {
+    # a 12 MP phone photo, stored sideways with EXIF "rotate 90° clockwise to display"
+    "12 MP JPEG with EXIF rotation": lambda m: _save(
+        _digit_on_paper(m, 1, (3000, 4000)).rotate(90, expand=True).convert("RGB"), "JPEG", quality=90, exif=_exif(6)
+    ),
+    "1-bit fax TIFF (CCITT group 4)": lambda m: _save(
+        _digit_on_paper(m, 1, (1728, 1728)).point(lambda v: 255 if v > 128 else 0).convert("1"),
+        "TIFF",
+        compression="group4",
+    ),
+    "16-bit greyscale PNG scan": lambda m: _save(Image.fromarray(_np_digit(m, 1).astype(np.uint16) * 257), "PNG"),
+    "many-frame GIF (200 frames)": lambda m: _save(
+        _frames(m, 201)[1], "GIF", save_all=True, append_images=_frames(m, 201)[2:], duration=20
+    ),
+    "many-frame TIFF (100 pages)": lambda m: _save(
+        _frames(m, 101)[1], "TIFF", save_all=True, append_images=_frames(m, 101)[2:]
+    ),
+    "animated WebP (50 frames)": lambda m: _save(
+        _frames(m, 51)[1], "WEBP", save_all=True, append_images=_frames(m, 51)[2:], duration=20, lossless=True
+    ),
+    "wide strip with the digit in it": lambda m: _save(_strip(m, 1), "PNG"),
+}
+
+
+def _exif(orientation: int) -> Image.Exif:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return exif
+
+
+def _np_digit(mnist500, index: int) -> np.ndarray:
+    return mnist500[0][index]
+
+
+def _strip(mnist500, index: int) -> Image.Image:
+    strip = np.zeros((28, 2000), np.uint8)
+    strip[:, 986:1014] = mnist500[0][index]
+    return Image.fromarray(strip)
+
+
+@pytest.mark.parametrize("kind", list(ODD_VALID))
+def test_odd_but_valid_uploads_still_work(client, mnist500, kind):
+    data = ODD_VALID[kind](mnist500)
+    r = client.post("/classify", files={"image": ("x", data, "application/octet-stream")})
+    assert r.status_code == 200, r.text
+    if kind != "wide strip with the digit in it":  # a 28-px-high strip becomes a 28×0.4-px sliver: no digit left
+        assert r.json()["label"] == str(mnist500[1][1]), (kind, r.json()["label"])
+
+
+def test_sixty_four_ordinary_images_per_request_still_work(client, mnist500):
+    files = [
+        ("image", (f"{i}.jpg", _save(_digit_on_paper(mnist500, i, (400, 400)).convert("RGB"), "JPEG"), "image/jpeg"))
+        for i in range(64)
+    ]
+    r = client.post("/classify", files=files)
+    assert r.status_code == 200 and len(r.json()["results"]) == 64

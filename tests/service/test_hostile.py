@@ -10,6 +10,7 @@ grow the metrics without bound.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import io
 import random
 import re
@@ -41,10 +42,8 @@ def blank_png(width: int, height: int) -> bytes:
 def tree_rss(pid: int) -> int:
     total = 0
     for p in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
-        try:
+        with contextlib.suppress(psutil.Error):
             total += p.memory_info().rss
-        except psutil.Error:
-            pass
     return total
 
 
@@ -190,10 +189,8 @@ def test_a_thousand_stalled_uploads_change_nothing_for_a_normal_client():
         answered = 0
         for sock in socks:
             sock.settimeout(max(0.1, started + 15 - time.monotonic()))
-            try:
+            with contextlib.suppress(OSError):
                 answered += sock.recv(64).startswith(b"HTTP/1.1 408")
-            except OSError:
-                pass
         assert answered >= 0.99 * stalled_count, f"{answered} of {stalled_count} stalled uploads got 408"
         r = httpx.get(s.url + "/metrics").text
         assert re.search(r'deepserve_rejected_requests_total\{endpoint="/classify",reason="body_timeout"\} \d+', r)
@@ -217,10 +214,8 @@ def test_clients_that_hang_up_cost_no_5xx_no_traceback_and_no_model_work(server)
         sock.close()
 
     def impatient(i: int) -> None:  # while queued behind a burst of large generations
-        try:
+        with contextlib.suppress(httpx.TimeoutException):
             httpx.post(server.url + "/generate", json={"n": 64, "seed": i}, timeout=0.05)
-        except httpx.TimeoutException:
-            pass
 
     with concurrent.futures.ThreadPoolExecutor(32) as pool:
         list(pool.map(impatient, range(64)))

@@ -1,0 +1,177 @@
+"""The clients teams already run, against the real server: Triton's (tritonclient, the Open
+Inference Protocol under /v2) and BentoML's own (SyncHTTPClient, from /schema.json)."""
+
+from __future__ import annotations
+
+import io
+
+import bentoml
+import numpy as np
+import pytest
+import tritonclient.http as triton
+from PIL import Image
+from tritonclient.utils import InferenceServerException
+
+from tests.conftest import FIXTURES, active_meta, png
+from tests.service.conftest import Server
+
+SEVEN = FIXTURES / "mnist_test0_label7.png"
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = Server()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def tc(server):
+    with triton.InferenceServerClient(f"127.0.0.1:{server.port}") as c:
+        yield c
+
+
+def normalized(images: np.ndarray) -> np.ndarray:
+    """uint8 (N, 28, 28) -> the digits model's input: (N, 1, 28, 28) normalized with its metadata."""
+    pre = active_meta("digits")["preprocessing"]
+    return ((images.astype(np.float32) / 255 - pre["mean"]) / pre["std"]).astype(np.float32)[:, None]
+
+
+def test_tritonclient_health_metadata_and_config(tc):
+    assert tc.is_server_live() and tc.is_server_ready()
+    assert tc.is_model_ready("digits") and tc.is_model_ready("sentiment_text")
+    version = active_meta("digits")["version"]
+    assert tc.is_model_ready("digits", version) and not _ready_or_false(tc, "digits", "no-such-version")
+    meta = tc.get_model_metadata("digits")
+    assert meta["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 1, 28, 28]}]
+    assert meta["outputs"][0] == {"name": "logits", "datatype": "FP32", "shape": [-1, 10]}
+    assert meta["versions"] == [version]
+    config = tc.get_model_config("digits")
+    assert config["max_batch_size"] == 64 and config["input"][0]["dims"] == [1, 28, 28]
+    assert set(tc.get_server_metadata()["extensions"]) == {"binary_tensor_data", "model_configuration"}
+    text = tc.get_model_metadata("sentiment_text")
+    assert text["inputs"] == [{"name": "text", "datatype": "BYTES", "shape": [-1]}]
+    assert [o["name"] for o in text["outputs"]] == ["probabilities", "label"]
+
+
+def _ready_or_false(tc, name: str, version: str) -> bool:
+    try:
+        return tc.is_model_ready(name, version)
+    except InferenceServerException:
+        return False
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary tensors", "JSON tensors"])
+def test_tritonclient_infer_matches_classify_on_500_real_digits(server, tc, mnist500, binary):
+    import httpx
+
+    images, labels = mnist500
+    via_v2, via_classify = [], []
+    for start in range(0, 500, 64):
+        batch = images[start : start + 64]
+        x = normalized(batch)
+        inp = triton.InferInput("image", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x, binary_data=binary)
+        out = triton.InferRequestedOutput("logits", binary_data=binary)
+        r = tc.infer("digits", [inp], outputs=[out], request_id=f"batch-{start}")
+        assert r.get_response()["id"] == f"batch-{start}"
+        via_v2 += r.as_numpy("logits").argmax(1).tolist()
+        files = [("image", (f"{i}.png", png(img), "image/png")) for i, img in enumerate(batch)]
+        body = httpx.post(server.url + "/classify", files=files, data={"top_k": "1"}, timeout=60).json()
+        via_classify += [x["index"] for x in (body.get("results", [body]))]
+    assert via_v2 == via_classify
+    assert np.mean(np.array(via_v2) == labels) >= 0.99
+
+
+def test_tritonclient_sentiment_text_agrees_with_classify(server, tc, sst2_dev200):
+    import httpx
+
+    sentences, _ = sst2_dev200
+    labels_v2 = []
+    for start in range(0, 200, 50):
+        t = triton.InferInput("text", [len(sentences[start : start + 50])], "BYTES")
+        t.set_data_from_numpy(np.array([s.encode() for s in sentences[start : start + 50]], dtype=object))
+        labels_v2 += [x.decode() for x in tc.infer("sentiment_text", [t]).as_numpy("label")]
+    labels_http = []
+    for start in range(0, 200, 50):
+        r = httpx.post(server.url + "/classify", json={"texts": sentences[start : start + 50]}, timeout=60)
+        labels_http += [x["label"] for x in r.json()["results"]]
+    assert labels_v2 == labels_http
+
+
+def test_tritonclient_raw_models_generate_compress_and_denoise(tc):
+    z = np.random.default_rng(0).standard_normal((4, 64), dtype=np.float32)
+    zi, di = triton.InferInput("z", [4, 64], "FP32"), triton.InferInput("digit", [4], "INT64")
+    zi.set_data_from_numpy(z)
+    di.set_data_from_numpy(np.array([3, 3, 8, 8], np.int64))
+    images = tc.infer("generator", [zi, di]).as_numpy("images")
+    assert images.shape == (4, 1, 28, 28)
+    x = triton.InferInput("image", [4, 1, 28, 28], "FP32")
+    x.set_data_from_numpy(np.clip(images, 0, 1).astype(np.float32))
+    latent = tc.infer("encoder", [x]).as_numpy("latent")
+    assert latent.shape == (4, 32) and latent.min() >= 0 and latent.max() <= 1
+    assert tc.infer("denoiser", [x]).as_numpy("image_out").shape == (4, 1, 28, 28)
+
+
+@pytest.mark.parametrize(
+    "name, tensor, words",
+    [
+        ("digitz", ("image", [1, 1, 28, 28], "FP32"), "unknown model 'digitz'"),
+        ("digits", ("image", [1, 1, 28, 27], "FP32"), "expects [-1, 1, 28, 28]"),
+        ("digits", ("image", [1, 1, 28, 28], "FP64"), "expects FP32"),
+        ("digits", ("picture", [1, 1, 28, 28], "FP32"), "unexpected input 'picture'"),
+        ("digits", ("image", [65, 1, 28, 28], "FP32"), "1 to 64 per request"),
+    ],
+    ids=["wrong name", "wrong shape", "wrong datatype", "wrong input", "too many rows"],
+)
+def test_tritonclient_errors_say_what_was_wrong(tc, name, tensor, words):
+    tname, shape, dtype = tensor
+    inp = triton.InferInput(tname, shape, dtype)
+    inp.set_data_from_numpy(np.zeros(shape, np.float64 if dtype == "FP64" else np.float32))
+    with pytest.raises(InferenceServerException) as err:
+        tc.infer(name, [inp])
+    assert words in err.value.message(), err.value.message()
+    assert err.value.status() in ("400", "404")
+
+
+# --------------------------------------------------------------------------- BentoML's client
+
+
+@pytest.fixture(scope="module")
+def bento(server):
+    with bentoml.SyncHTTPClient(server.url, timeout=60) as c:
+        yield c
+
+
+def test_bentoml_client_classifies_images_and_text(bento, tmp_path, fashion500):
+    assert bento.classify(image=SEVEN)["label"] == "7"
+    shoe = tmp_path / "shoe.png"
+    shoe.write_bytes(png(fashion500[0][0]))
+    body = bento.classify(image=[SEVEN, shoe], model="fashion", top_k=1)
+    assert len(body["results"]) == 2 and body["results"][1]["label"] == "Ankle boot"
+    assert bento.classify_text(text="A gorgeous, witty and moving film.")["label"] == "positive"
+    many = bento.classify_text(texts=["a tedious mess", "wonderful"], top_k=1)
+    assert [r["label"] for r in many["results"]] == ["negative", "positive"]
+
+
+def test_bentoml_client_generates_compresses_decompresses_and_denoises(bento, tmp_path):
+    grid = bento.generate(n=4, digit=3, seed=1)
+    assert isinstance(grid, Image.Image) and grid.size == (2 * 30 + 2, 2 * 30 + 2)
+    code = bento.compress(image=SEVEN)
+    assert code["bytes"] == 16
+    back = bento.decompress(code=code["code"])
+    assert isinstance(back, Image.Image) and back.size == (28, 28)
+    noisy = tmp_path / "noisy.png"
+    noisy.write_bytes(SEVEN.read_bytes())
+    clean = bento.denoise(image=noisy)
+    assert clean.size == (28, 28)
+    # the same bytes as plain HTTP would give
+    buf = io.BytesIO()
+    grid.save(buf, format="PNG")
+    assert np.asarray(grid).shape == (62, 62)
+
+
+def test_bentoml_client_errors_carry_the_json_message(bento):
+    with pytest.raises(bentoml.exceptions.InvalidArgument) as err:
+        bento.classify(image=SEVEN, top_k=0)
+    assert "top_k must be between 1 and 10" in err.value.message
