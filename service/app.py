@@ -288,6 +288,7 @@ class App:
 
     def __init__(self, settings: Settings, core: Core | None = None, fallback=None, drain=None):
         self.settings, self.core, self.fallback, self.drain = settings, core, fallback, drain
+        self.follower = None  # service.versions.Follower, in a served worker
         self.in_flight = 0  # requests past their body, doing model work (the concurrency limit)
         self.handling = 0  # every request being handled, body reads included (the drain waits)
         self.routes: dict[str, Route] = {}

@@ -124,8 +124,18 @@ class Core:
         self.active: dict[str, Loaded] = {}
         self.previous: dict[str, Loaded] = {}
         for family, loaded in active.items():
-            self._serve(loaded)
+            self.serve(loaded)
             self.active[family] = loaded
+            prev = self.manifest.families[family].previous
+            if prev is not None and prev != loaded.version:  # kept loaded: a rollback is a switch
+                try:
+                    self.previous[family] = self.serve(
+                        load_family(self.directory, self.manifest, family, prev, settings.device, self.threads)
+                    )
+                except ModelLoadError as exc:
+                    log.warning(
+                        "previous version %s of %s is not loadable, rollback unavailable: %s", prev, family, exc
+                    )
         # decoding large images: off the event loop, as many threads as this process may use
         self.decode_pool = concurrent.futures.ThreadPoolExecutor(
             settings.decode_threads or usable_cores(), thread_name_prefix="decode"
@@ -188,7 +198,7 @@ class Core:
 
     # ------------------------------------------------------------------ batching
 
-    def _serve(self, loaded: Loaded) -> None:
+    def serve(self, loaded: Loaded) -> Loaded:
         """Give every model of a loaded family version its batcher."""
         s = self.settings
         for name, model in loaded.models.items():
@@ -206,6 +216,26 @@ class Core:
                 max_latency_ms=s.max_latency_ms,
                 on_batch=metrics.observe_requests,
             )
+        return loaded
+
+    def activate(self, loaded: Loaded) -> None:
+        """Serve `loaded` from now on (between requests: one assignment on the event loop);
+        the version it replaces stays loaded as the previous one, the one before is closed
+        once its queues are empty."""
+        family = loaded.family
+        old, older = self.active.get(family), self.previous.get(family)
+        if old is not None and old.version == loaded.version:
+            return
+        self.active[family] = loaded
+        if old is not None:
+            self.previous[family] = old
+        if older is not None and older is not loaded and older is not old:
+            asyncio.get_running_loop().create_task(_close_when_idle(older))
+        for model in loaded.models.values():
+            metrics.model_served(model, 1)
+        if old is not None:
+            for model in old.models.values():
+                metrics.model_served(model, 0)
 
     async def warmup(self, loaded: list[Loaded] | None = None) -> None:
         """Run every model through its batcher on dummy input (ORT's first runs are slow, and
@@ -232,6 +262,17 @@ class Core:
         for ex in self.executors.values():
             ex.shutdown(wait=True)
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
+
+
+async def _close_when_idle(loaded: Loaded, timeout_s: float = 60.0) -> None:
+    """Shut a version's batchers once nothing is queued or running on them."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while asyncio.get_running_loop().time() < deadline:
+        if all(not b.queue and not b.running_until for b in loaded.batchers.values()):
+            break
+        await asyncio.sleep(0.1)
+    loaded.shutdown()
+    log.info("closed version %s of %s", loaded.version, loaded.family)
 
 
 def _execute(task: Task, model: Model, max_rows: int, jobs: list[Job]) -> list:

@@ -60,6 +60,7 @@ class Calibration(_Strict):
     """Temperature scaling fitted on the validation split: probabilities = softmax(logits / T)."""
 
     temperature: float = Field(gt=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)  # the training's smoothing, inverted before T (service.ood)
     fitted_on: str
     ece_test_before: float | None = None
     ece_test_after: float | None = None

@@ -111,6 +111,13 @@ def get() -> SimpleNamespace:
             ["model", "version", "provider", "reason", "worker"],
             multiprocess_mode="mostrecent",
         ),
+        ood_baseline=prom.Gauge(
+            "deepserve_ood_baseline_rate",
+            "share of the model's validation split flagged out of distribution "
+            "(the drift alert compares the live share with it)",
+            ["model"],
+            multiprocess_mode="max",
+        ),
         swaps=prom.Counter(
             "deepserve_model_swaps", "model version changes attempted, by family and outcome", ["family", "outcome"]
         ),
@@ -132,6 +139,9 @@ def reject(endpoint: str, reason: str) -> None:
 
 
 def model_served(model, value: int) -> None:
+    ood = getattr(model.meta, "ood", None)
+    if ood is not None and value:
+        get().ood_baseline.labels(model.name).set(ood.baseline_ood_rate)
     get().model_info.labels(
         model.name, model.version, model.provider, (model.provider_reason or "")[:120], worker_index()
     ).set(value)

@@ -61,11 +61,20 @@ class DeepServe:
 
     @bentoml.on_startup
     async def warm_up(self) -> None:
+        import asyncio
+
+        from service.versions import Follower, watch_supervisor
+
         self.drain.install()  # uvicorn's signal handlers are in place by now
         await self.core.warmup()
+        self.follower = app.follower = Follower(self.core, settings.manifest_poll_s)
+        self.follower.start()  # every worker follows the manifest (new versions, rollbacks)
+        self._watch = asyncio.get_running_loop().create_task(watch_supervisor(self.drain))
 
     @bentoml.on_shutdown
     def close(self) -> None:
+        if getattr(self, "follower", None) is not None:
+            self.follower.stop()
         self.core.shutdown()
 
     def __is_ready__(self) -> bool:

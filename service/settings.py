@@ -90,6 +90,22 @@ class Settings(BaseSettings):
         None,
         description="file holding the API key (a mounted Secret); wins over DEEPSERVE_API_KEY; surrounding whitespace is stripped",
     )
+    admin_key: str = Field(
+        "",
+        description="if set, the admin API (/admin: load and roll back model versions) is on, with header `Authorization: Bearer <admin key>`; off (404) otherwise",
+    )
+    admin_key_file: Path | None = Field(
+        None, description="file holding the admin key (a mounted Secret); wins over DEEPSERVE_ADMIN_KEY"
+    )
+    manifest_poll_s: float = Field(
+        0.5, gt=0, le=60, description="how often each worker checks the manifest for a new active version"
+    )
+    swap_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        le=600,
+        description="how long an admin load or rollback waits for every worker before it answers 504",
+    )
     cors_origins: str = Field("", description="comma-separated origins allowed by CORS; empty = CORS off")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="deepserve's own log level")
     access_log: bool = Field(
@@ -98,16 +114,21 @@ class Settings(BaseSettings):
     )
 
     @model_validator(mode="after")
-    def _key_from_file(self):
-        if self.api_key_file is not None:
-            try:
-                key = self.api_key_file.read_text()
-            except OSError as exc:
-                raise ValueError(f"api_key_file {self.api_key_file}: {exc.strerror}") from None
-            object.__setattr__(self, "api_key", key)
-        object.__setattr__(self, "api_key", self.api_key.strip())
-        if self.api_key_file is not None and not self.api_key:
-            raise ValueError(f"api_key_file {self.api_key_file} is empty")
+    def _keys_from_files(self):
+        """Keys from mounted Secrets or the environment, stripped the same way as the key a
+        client sends; a key file that is missing or empty stops the server (fail closed)."""
+        for name in ("api_key", "admin_key"):
+            path = getattr(self, f"{name}_file")
+            if path is not None:
+                try:
+                    object.__setattr__(self, name, path.read_text())
+                except OSError as exc:
+                    raise ValueError(f"{name}_file {path}: {exc.strerror}") from None
+            object.__setattr__(self, name, getattr(self, name).strip())
+            if path is not None and not getattr(self, name):
+                raise ValueError(f"{name}_file {path} is empty")
+        if self.admin_key and self.admin_key == self.api_key:
+            raise ValueError("admin_key must differ from api_key")
         return self
 
     @field_validator("exported_dir")

@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 
 from service import metadata as md
-from service import metrics
+from service import metrics, ood
 from service import preprocessing as pp
 from service.errors import ApiError, bool_field, int_field, shown, str_field
 from service.runtime import Model
@@ -182,9 +182,12 @@ def _count_ood(model: Model, results: list[dict]) -> None:
 
 
 def calibrated(model: Model, logits: np.ndarray) -> np.ndarray:
-    """The probabilities clients get: softmax(logits / T), T fitted on the validation split."""
+    """The probabilities clients get: softmax(logits / T), T fitted on the validation split
+    (service.ood); uncalibrated where the metadata has no calibration."""
     cal = getattr(model.meta, "calibration", None)
-    return pp.softmax(logits / np.float32(cal.temperature) if cal else logits)
+    if cal is None:
+        return pp.softmax(logits)
+    return ood.calibrated_probabilities(logits, cal.temperature, cal.label_smoothing)
 
 
 def _reject_ood(results: list[dict], many: bool, score: str) -> None:

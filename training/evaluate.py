@@ -57,7 +57,9 @@ def eval_classifier(name: str, ctx: dict) -> dict:
     confusion = np.zeros((10, 10), dtype=np.int64)
     np.add.at(confusion, (labels, pred), 1)
     plot_confusion(confusion, model.meta.labels, ctx["img_dir"] / f"{name}_confusion.png", name)
+    trust = eval_image_trust(name, model, pp.scale_pixels(images), labels, ctx)
     return {
+        **trust,
         "test_accuracy": float((pred == labels).mean()),
         "test_examples": int(len(labels)),
         "per_class_accuracy": {
@@ -65,6 +67,45 @@ def eval_classifier(name: str, ctx: dict) -> dict:
             for i, lab in enumerate(model.meta.labels)
         },
     }
+
+
+def eval_image_trust(name: str, model, x: np.ndarray, labels: np.ndarray, ctx: dict) -> dict:
+    """Calibration (ECE before/after, reliability diagram) and the out-of-distribution table
+    (AUROC and false accepts at the model's threshold), from the exported ONNX file."""
+    from training import ood
+
+    out = {}
+    run = lambda imgs: tasks.run_in_chunks(lambda b: _outputs_rows(model, b), imgs)
+    res = run(x)
+    if model.meta.calibration is not None:
+        logits = res[:, :-1] if model.meta.ood else res
+        before, after = pp.softmax(logits), tasks.calibrated(model, logits)
+        out["ece_test_before"], out["ece_test"] = ood.ece(before, labels), ood.ece(after, labels)
+        ood.reliability_diagram(
+            before,
+            after,
+            labels,
+            ctx["img_dir"] / f"{name}_reliability.png",
+            f"{name}: reliability on the test set (T = {model.meta.calibration.temperature:.3f})",
+        )
+    if model.meta.ood is not None:
+        threshold = model.meta.ood.threshold
+        scores = {"test": res[:, -1]}
+        for key, imgs in ood.ood_sets(name, ctx["data_dir"]).items():
+            scores[key] = run(imgs[: ctx["limit"]])[:, -1]
+        for key, v in scores.items():
+            if key != "test":
+                out[f"auroc_{key}"] = ood.auroc(scores["test"], v)
+                out[f"false_accept_rate_{key}"] = ood.false_accept_rate(v, threshold)
+        out["false_reject_rate_test"] = ood.false_reject_rate(scores["test"], threshold)
+    return out
+
+
+def _outputs_rows(model, images: np.ndarray) -> np.ndarray:
+    """(N, 28, 28) -> (N, C [+1]): the logits, and the ood_score as a last column when exported."""
+    out = tasks.image_outputs(model, images)
+    cols = [out["logits"]] + ([out[model.meta.ood.output][:, None]] if model.meta.ood else [])
+    return np.concatenate(cols, axis=1)
 
 
 def plot_confusion(confusion: np.ndarray, labels: list[str], path: Path, title: str) -> None:
@@ -88,8 +129,27 @@ def eval_sentiment(name: str, ctx: dict) -> dict:
     sentences, labels = data.load_sst2("dev", ctx["data_dir"])
     sentences, labels = sentences[: ctx["limit"]], labels[: ctx["limit"]]
     seqs = tasks.encode_texts(model, sentences)
-    pred = tasks.classify_token_ids(model, [s or [pp.UNK] for s in seqs]).argmax(1)
+    ids = [s or [pp.UNK] for s in seqs]
+    logits = tasks.token_logits(model, ids)
+    pred = logits.argmax(1)
+    trust = {}
+    if model.meta.calibration is not None:
+        from training import ood
+
+        before, after = pp.softmax(logits), tasks.calibrated(model, logits)
+        trust = {"ece_dev_before": ood.ece(before, labels), "ece_dev": ood.ece(after, labels)}
+        ood.reliability_diagram(
+            before,
+            after,
+            labels,
+            ctx["img_dir"] / f"{name}_reliability.png",
+            f"{name}: reliability on SST-2 dev (T = {model.meta.calibration.temperature:.3f})",
+        )
+    if model.meta.ood is not None:
+        rates = np.array([np.mean(np.array(s) == pp.UNK) for s in ids])
+        trust["dev_flagged_out_of_distribution"] = float(np.mean(rates > model.meta.ood.threshold))
     return {
+        **trust,
         "dev_accuracy": float((pred == labels).mean()),
         "dev_examples": int(len(labels)),
         "vocabulary_size": len(model.meta.vocabulary),
@@ -340,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
             lines = check_bars(family, metrics)
             print("\n".join(line for line, _, _ in lines), flush=True)
             ok = all(bar for _, bar, _ in lines)
+            trust = check_bars(family, metrics, family.trust_bars)
+            print("\n".join(f"trust: {line}" for line, _, _ in trust), flush=True)
             failed |= not ok
         if not write:
             continue

@@ -105,47 +105,72 @@ def family_version(date: str, digests: list[str]) -> str:
 
 
 def export_family(
-    family: str, parts: list[tuple[torch.nn.Module, ExportSpec]], out_dir: Path, training: dict, activate: bool = False
+    family: str,
+    parts: list[tuple[torch.nn.Module, ExportSpec]],
+    out_dir: Path,
+    training: dict,
+    activate: bool = False,
+    finish=None,
 ) -> str:
     """Export every model of a family as one new version: `<out>/<family>/<version>/<model>.onnx`
     + `.json` (typed metadata, service.metadata), registered in `<out>/manifest.json`. The
-    version is active if asked (or if the family had none). Returns the version."""
-    from service.metadata import read_metadata
-
+    version is active if asked (or if the family had none). `finish(staging, metas)` may
+    change the staged files and metadata before they are hashed (training.trust). Returns
+    the version."""
     staging = out_dir / family / ".staging"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    signatures = {spec.name: export_onnx(module, spec, staging / f"{spec.name}.onnx") for module, spec in parts}
-    digests = [sha256_bytes((staging / f"{spec.name}.onnx").read_bytes()) for _, spec in parts]
-    version = family_version(training["date"], digests)
-    final = out_dir / family / version
-    shutil.rmtree(final, ignore_errors=True)
-    staging.rename(final)
-    for (_, spec), digest in zip(parts, digests):
-        meta = {
+    metas = {}
+    for module, spec in parts:
+        signature = export_onnx(module, spec, staging / f"{spec.name}.onnx")
+        metas[spec.name] = {
             "name": spec.name,
             "task": spec.task,
             "family": family,
-            "version": version,
             "file": f"{spec.name}.onnx",
-            "sha256": digest,
-            **signatures[spec.name],
+            **signature,
             "preprocessing": spec.preprocessing,
             **spec.extra,
             "training": training,
             "metrics": {},
             "versions": versions(),
-            "size_bytes": (final / f"{spec.name}.onnx").stat().st_size,
         }
-        write_json(final / f"{spec.name}.json", meta)
-        read_metadata(final / f"{spec.name}.json", spec.name)  # the export writes what the service reads
-    register_version(out_dir, family, version, [spec for _, spec in parts], digests, activate)
+    if finish is not None:
+        finish(staging, metas)
+    return commit_version(out_dir, family, staging, metas, training["date"], activate)
+
+
+def commit_version(out_dir: Path, family: str, staging: Path, metas: dict[str, dict], date: str, activate: bool) -> str:
+    """Hash the staged models, name the version after them, move them into place with their
+    metadata (checked against the service's types) and register the version."""
+    from service.metadata import read_metadata
+
+    digests = {name: sha256_bytes((staging / f"{name}.onnx").read_bytes()) for name in metas}
+    version = family_version(date, list(digests.values()))
+    final = out_dir / family / version
+    shutil.rmtree(final, ignore_errors=True)
+    staging.rename(final)
+    for name, meta in metas.items():
+        ordered = {
+            "name": name,
+            "task": meta["task"],
+            "family": family,
+            "version": version,
+            "file": f"{name}.onnx",
+            "sha256": digests[name],
+        }
+        ordered.update({k: v for k, v in meta.items() if k not in ordered})
+        ordered["size_bytes"] = (final / f"{name}.onnx").stat().st_size
+        write_json(final / f"{name}.json", ordered)
+        read_metadata(final / f"{name}.json", name)  # the export writes what the service reads
+    specs = [(name, metas[name]["task"]) for name in metas]
+    register_version(out_dir, family, version, specs, list(digests.values()), activate)
     print(f"{family}: version {version} in {final}{' (active)' if activate else ''}", flush=True)
     return version
 
 
 def register_version(
-    out_dir: Path, family: str, version: str, specs: list[ExportSpec], digests: list[str], activate: bool
+    out_dir: Path, family: str, version: str, specs: list[tuple[str, str]], digests: list[str], activate: bool
 ) -> None:
     """Add a family version to the manifest (created if missing); activate it if asked."""
     from service.metadata import MANIFEST, write_json_atomic
@@ -156,14 +181,14 @@ def register_version(
     )
     fam = manifest["families"].get(family)
     if fam is None:
-        fam = manifest["families"][family] = {"active": version, "previous": None, "models": [s.name for s in specs]}
+        fam = manifest["families"][family] = {"active": version, "previous": None, "models": [n for n, _ in specs]}
     elif activate and fam["active"] != version:
         fam["previous"], fam["active"] = fam["active"], version
-    for spec, digest in zip(specs, digests):
-        entry = manifest["models"].setdefault(spec.name, {"task": spec.task, "family": family, "versions": {}})
+    for (name, task), digest in zip(specs, digests):
+        entry = manifest["models"].setdefault(name, {"task": task, "family": family, "versions": {}})
         entry["versions"][version] = {
-            "file": f"{family}/{version}/{spec.name}.onnx",
-            "metadata": f"{family}/{version}/{spec.name}.json",
+            "file": f"{family}/{version}/{name}.onnx",
+            "metadata": f"{family}/{version}/{name}.json",
             "sha256": digest,
         }
     write_json_atomic(path, manifest)

@@ -76,6 +76,20 @@ def test_both_deployments_fail_closed_and_set_the_connection_timeouts(name):
     assert int(env["DEEPSERVE_GRACEFUL_SHUTDOWN_S"]["value"]) + 30 + 5 < spec["terminationGracePeriodSeconds"]
 
 
+@pytest.mark.parametrize("name", ["deepserve", "deepserve-gpu"])
+def test_every_replica_follows_one_model_directory(name):
+    """A swap reaches every replica: the model directory is one shared volume, seeded once."""
+    spec = DOCS[f"Deployment/{name}"]["spec"]["template"]["spec"]
+    env = {e["name"]: e for e in container(name)["env"]}
+    mount = next(m for m in container(name)["volumeMounts"] if m["name"] == "models")
+    assert env["DEEPSERVE_EXPORTED_DIR"]["value"] == mount["mountPath"]
+    volume = next(v for v in spec["volumes"] if v["name"] == "models")
+    claim = DOCS[f"PersistentVolumeClaim/{volume['persistentVolumeClaim']['claimName']}"]
+    assert "ReadWriteMany" in claim["spec"]["accessModes"]
+    seed = spec["initContainers"][0]
+    assert seed["volumeMounts"][0]["name"] == "models" and "manifest.json" in seed["command"][-1]
+
+
 def test_the_ingress_limits_headers_buffers_uploads_and_retries_model_calls():
     ing = DOCS["Ingress/deepserve"]
     notes = ing["metadata"]["annotations"]

@@ -72,6 +72,8 @@ def test_all_deepserve_metrics_are_exported(client):
     assert 'le="0.001"' in text  # buckets resolve milliseconds
     assert re.search(r'deepserve_http_requests_total\{code="200",endpoint="/classify"\} [1-9]', text)
     assert re.search(r'deepserve_stage_seconds_count\{endpoint="/classify",stage="infer"\} [1-9]', text)
+    assert re.search(r'deepserve_predictions_total\{in_distribution="true",model="sentiment"\} [1-9]', text)
+    assert re.search(r'deepserve_ood_baseline_rate\{model="digits"\} 0\.0\d+', text)
     assert "bentoml_service_request_total" in text  # BentoML's own metrics are still there (its probes)
 
 

@@ -10,6 +10,7 @@ import time
 
 import httpx
 import psutil
+import pytest
 
 from tests.conftest import FIXTURES
 from tests.service.conftest import Server
@@ -147,3 +148,32 @@ def test_sigterm_with_keep_alive_clients_loses_nothing_and_says_connection_close
     assert not lost, f"requests lost during the drain: {lost} (all: {dict(outcomes)})"
     assert outcomes[200] > before, outcomes  # it kept serving while draining
     assert closes["close"] > 0 and set(closes) == {"close"}, closes
+
+
+def test_workers_exit_when_their_supervisor_is_killed():
+    """BentoML starts each worker in a session of its own: without this, SIGKILL on
+    `bentoml serve` leaves its workers answering on the port with nobody to stop them."""
+    server = Server(env={"DEEPSERVE_WORKERS": "2"})
+    ghosts = workers(server)
+    assert len(ghosts) == 2
+    try:
+        server.proc.kill()  # the supervisor alone
+        server.proc.wait(10)
+        deadline = time.monotonic() + 15
+        while any(_running(p) for p in ghosts):
+            assert time.monotonic() < deadline, "workers outlived their supervisor"
+            time.sleep(0.2)
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(server.url + "/livez", timeout=2)
+        assert "supervisor" in server.log() and "is gone" in server.log()
+    finally:
+        for p in ghosts:
+            if _running(p):
+                p.kill()
+
+
+def _running(p: psutil.Process) -> bool:
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

@@ -39,7 +39,7 @@ def test_loads_a_verified_model_on_cpu(digits_dir):
     vf, _ = files(digits_dir)
     model = runtime.load_model(digits_dir, "digits", vf, "cpu", 1)
     assert model.provider == runtime.CPU and model.provider_reason == "DEEPSERVE_DEVICE=cpu"
-    (logits,) = model.run(image=np.zeros((3, 1, 28, 28), np.float32))
+    logits = model.run(image=np.zeros((3, 1, 28, 28), np.float32))[0]
     assert logits.shape == (3, 10)
 
 

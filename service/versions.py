@@ -1,0 +1,198 @@
+"""Model versions in a running service: every worker follows the manifest.
+
+The manifest (`exported/manifest.json`) says which version of each family is active and
+which was before; it is the one source of truth. Each worker polls it (a stat every
+`DEEPSERVE_MANIFEST_POLL_S`) and, when a family's active version changes, loads and checks
+that version exactly as at start-up (sha256s, ONNX Runtime, signatures against their tasks,
+the smoke set, a warm-up), then switches between requests: requests in flight finish on
+the version they started with. It keeps the active and the previous version loaded, so a
+rollback is a switch, not a load. A version that fails its checks is never served: the
+worker stays on what it had and says why.
+
+Each worker writes its state to `<model dir>/.status/<host>-<worker>.json` (atomically, with
+a heartbeat), which is how the admin API (service.admin) knows when every worker — of this
+pod, or of every pod that shares the model directory — serves a new version.
+
+A worker also watches its supervisor: BentoML starts workers in sessions of their own, so a
+worker whose `bentoml serve` was killed would go on answering with nobody to stop it. When
+its parent process changes, the worker drains and exits, as gunicorn's workers do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+
+from service import metrics
+from service.core import Core, Loaded, load_family
+from service.metadata import MANIFEST, MetadataError, read_manifest, write_json_atomic
+from service.runtime import ModelLoadError
+
+log = logging.getLogger("deepserve")
+STATUS_DIR = ".status"
+HEARTBEAT_S = 1.0  # status files are rewritten at least this often
+LIVE_S = 5.0  # a status file older than this belongs to a worker that is gone
+
+
+def status_dir(directory: Path) -> Path:
+    return directory / STATUS_DIR
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}-{metrics.worker_index()}"
+
+
+class Follower:
+    """One worker's view of the manifest: loads, checks and switches family versions."""
+
+    def __init__(self, core: Core, poll_s: float):
+        self.core, self.poll_s = core, poll_s
+        self.path = core.directory / MANIFEST
+        self.stamp = self._stamp()
+        self.state: dict[str, dict] = {}  # family -> {"state", "target", "error"}
+        self.candidates: dict[tuple[str, str], Loaded] = {}  # verified by this worker, not yet active
+        self._lock = asyncio.Lock()
+        self._last_write = 0.0
+        self._task: asyncio.Task | None = None
+
+    def _stamp(self) -> tuple[int, int] | None:
+        try:
+            st = self.path.stat()
+            return st.st_mtime_ns, st.st_size
+        except OSError:
+            return None
+
+    def start(self) -> None:
+        self.write_status()
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="deepserve-follow-manifest")
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_s)
+            try:
+                stamp = self._stamp()
+                if stamp != self.stamp:
+                    self.stamp = stamp
+                    await self.sync()
+                if time.monotonic() - self._last_write >= HEARTBEAT_S:
+                    self.write_status()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never let the follower die: the service must keep serving
+                log.exception("following the manifest failed; serving what is loaded")
+
+    async def sync(self) -> None:
+        """Bring every family to the manifest's active version (or stay and say why)."""
+        async with self._lock:
+            try:
+                manifest = read_manifest(self.core.directory)
+            except MetadataError as exc:
+                log.error("manifest is invalid, keeping the loaded versions: %s", exc)
+                return
+            self.core.manifest = manifest
+            for family, entry in manifest.families.items():
+                loaded = self.core.active.get(family)
+                if loaded is not None and loaded.version == entry.active:
+                    self.state.pop(family, None)
+                    continue
+                await self.switch(family, entry.active)
+            self.write_status()
+
+    async def verify(self, family: str, version: str) -> Loaded:
+        """Load and check a family version (in a thread), serve it from batchers of its own
+        and warm it up; not yet active. Raises ModelLoadError with the reason."""
+        key = (family, version)
+        if key in self.candidates:
+            return self.candidates[key]
+        for loaded in (self.core.active.get(family), self.core.previous.get(family)):
+            if loaded is not None and loaded.version == version:
+                return loaded
+        core = self.core
+        manifest = read_manifest(core.directory)
+        if family not in manifest.families:
+            raise ModelLoadError(f"no family {family!r} in the manifest")
+        loaded = await asyncio.to_thread(
+            load_family, core.directory, manifest, family, version, core.settings.device, core.threads
+        )
+        core.serve(loaded)
+        await core.warmup([loaded])
+        self.candidates[key] = loaded
+        return loaded
+
+    async def switch(self, family: str, version: str) -> None:
+        self.state[family] = {"state": "loading", "target": version, "error": None}
+        self.write_status()
+        try:
+            loaded = await self.verify(family, version)
+        except (ModelLoadError, MetadataError, OSError, ValueError) as exc:
+            self.state[family] = {"state": "failed", "target": version, "error": str(exc)[:500]}
+            log.error("family %s version %s refused: %s", family, version, exc)
+            return
+        self.candidates.pop((family, version), None)
+        self.core.activate(loaded)
+        self.state.pop(family, None)
+        log.info("family %s now serves version %s", family, version)
+
+    def write_status(self) -> None:
+        core = self.core
+        families = {}
+        for family, loaded in core.active.items():
+            prev = core.previous.get(family)
+            entry = {
+                "active": loaded.version,
+                "previous": prev.version if prev else None,
+                "state": "serving",
+                "target": loaded.version,
+                "error": None,
+            }
+            entry.update(self.state.get(family, {}))
+            families[family] = entry
+        payload = {"worker": worker_id(), "pid": os.getpid(), "heartbeat": time.time(), "families": families}
+        folder = status_dir(core.directory)
+        try:
+            folder.mkdir(exist_ok=True)
+            write_json_atomic(folder / f"{worker_id()}.json", payload)
+        except OSError as exc:  # a read-only model directory: the admin API cannot be used
+            log.debug("cannot write the worker status: %s", exc)
+        self._last_write = time.monotonic()
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        with contextlib.suppress(OSError):
+            (status_dir(self.core.directory) / f"{worker_id()}.json").unlink()
+
+
+def worker_states(directory: Path) -> list[dict]:
+    """Every live worker's status (heartbeat within LIVE_S)."""
+    import json
+
+    out = []
+    folder = status_dir(directory)
+    if not folder.is_dir():
+        return out
+    now = time.time()
+    for path in sorted(folder.glob("*.json")):
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if now - state.get("heartbeat", 0) <= LIVE_S:
+            out.append(state)
+    return out
+
+
+async def watch_supervisor(drain, interval_s: float = 1.0) -> None:
+    """Drain and exit when the process that started this worker is gone (no ghost workers)."""
+    parent = os.getppid()
+    while True:
+        await asyncio.sleep(interval_s)
+        if os.getppid() != parent:
+            log.warning("the supervisor (pid %d) is gone: draining, then exiting", parent)
+            drain.start()
+            return

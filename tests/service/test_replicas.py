@@ -1,0 +1,95 @@
+"""Two replicas behind a real load balancer (HAProxy, deploy/haproxy/haproxy.cfg): when
+every process of one replica is SIGKILLed under load, the requests that were in flight on it
+are retried on the other one, and no client sees a failure."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+
+import httpx
+import psutil
+import pytest
+
+from tests.conftest import FIXTURES, REPO
+from tests.service.conftest import Server, free_port
+
+SEVEN = (FIXTURES / "mnist_test0_label7.png").read_bytes()
+pytestmark = pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy not installed: make tools")
+
+
+def kill_replica(server: Server) -> None:
+    """SIGKILL the supervisor and every worker at once: a crashed node, not a shutdown."""
+    procs = [psutil.Process(server.proc.pid), *psutil.Process(server.proc.pid).children(recursive=True)]
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(signal.SIGKILL)
+    server.proc.wait(10)
+
+
+def test_a_replica_killed_under_load_loses_no_request(tmp_path):
+    a, b = Server(), Server()
+    port = free_port()
+    env = {
+        **os.environ,
+        "DEEPSERVE_LB_BIND": f"127.0.0.1:{port}",
+        "DEEPSERVE_REPLICA_A": f"127.0.0.1:{a.port}",
+        "DEEPSERVE_REPLICA_B": f"127.0.0.1:{b.port}",
+    }
+    lb = subprocess.Popen(
+        ["haproxy", "-f", str(REPO / "deploy" / "haproxy" / "haproxy.cfg"), "-db"],
+        env=env,
+        stdout=open(tmp_path / "haproxy.log", "wb"),
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    outcomes, stop = collections.Counter(), threading.Event()
+
+    def client() -> None:
+        with httpx.Client(timeout=60) as c:
+            while not stop.is_set():
+                try:
+                    r = c.post(url + "/classify", files={"image": ("7.png", SEVEN, "image/png")})
+                    outcomes[r.status_code if r.status_code != 200 or r.json()["label"] == "7" else "wrong"] += 1
+                except httpx.HTTPError as exc:
+                    outcomes[type(exc).__name__] += 1
+
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # both replicas healthy behind the balancer
+            try:
+                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, (tmp_path / "haproxy.log").read_text()
+            time.sleep(0.2)
+        time.sleep(1.5)
+        clients = [threading.Thread(target=client) for _ in range(16)]
+        for t in clients:
+            t.start()
+        time.sleep(4)
+        served_by_b = httpx.get(b.url + "/metrics").text.count(
+            'deepserve_http_requests_total{code="200",endpoint="/classify"}'
+        )
+        before = outcomes[200]
+        kill_replica(b)
+        time.sleep(6)
+        stop.set()
+        for t in clients:
+            t.join(60)
+    finally:
+        stop.set()
+        lb.terminate()
+        lb.wait(10)
+        a.stop()
+        b.stop()
+    assert served_by_b, "replica b never served: the crash proved nothing"
+    assert before > 100 and outcomes[200] > before + 100, outcomes
+    assert set(outcomes) == {200}, f"requests lost when a replica crashed: {dict(outcomes)}"
