@@ -219,6 +219,31 @@ def sample_latents(n: int, dim: int, seed: int, digit: int | None = None) -> tup
     return z, digits
 
 
+def slerp(a: np.ndarray, b: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """Spherical interpolation between latents a and b (D,) at fractions t (N,) -> (N, D):
+    Gaussian latents keep their typical norm along the way (a straight line would shrink it)."""
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    cos = np.dot(a64, b64) / max(np.linalg.norm(a64) * np.linalg.norm(b64), 1e-12)
+    omega = np.arccos(np.clip(cos, -1.0, 1.0))
+    t = np.asarray(t, dtype=np.float64)[:, None]
+    if omega < 1e-6:  # the same direction: a straight line is exact
+        return ((1 - t) * a64 + t * b64).astype(np.float32)
+    return ((np.sin((1 - t) * omega) * a64 + np.sin(t * omega) * b64) / np.sin(omega)).astype(np.float32)
+
+
+def morph_inputs(z_dim: int, classes: int, start: tuple[int, int], end: tuple[int, int], steps: int):
+    """Generator inputs for a morph from (digit, seed) to (digit, seed) in `steps` frames:
+    latents (steps, z_dim) by slerp between the two seeds' first latents, class weights
+    (steps, classes) on the line between the two one-hot digits."""
+    (d0, s0), (d1, s1) = start, end
+    z0 = sample_latents(1, z_dim, s0, d0)[0][0]
+    z1 = sample_latents(1, z_dim, s1, d1)[0][0]
+    t = np.linspace(0.0, 1.0, steps)
+    eye = np.eye(classes, dtype=np.float32)
+    weights = ((1 - t)[:, None] * eye[d0] + t[:, None] * eye[d1]).astype(np.float32)
+    return slerp(z0, z1, t), weights
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise softmax in float64 for stable probabilities, returned as float32."""
     shifted = logits.astype(np.float64) - logits.max(axis=-1, keepdims=True)

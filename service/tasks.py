@@ -371,67 +371,126 @@ class TextClassification(Task):
 
 @register
 class ConditionalGeneration(Task):
+    """Digits from a latent z and a class. Versions with a `class_weights` input (FP32, one
+    weight per class) can also blend classes; older ones take an integer `digit`."""
+
     name = "conditional-image-generation"
     route, body = "/generate", "json"
-    fields = frozenset({"n", "digit", "seed", "format"})
-    summary = "Draw digits with the conditional GAN"
+    fields = frozenset({"n", "digit", "seed", "format", "morph_to", "steps"})
+    summary = "Draw digits with the conditional GAN, or morph from one (digit, seed) to another"
 
     def max_rows(self, s) -> int:
         return s.max_generate
 
     def check(self, model: Model) -> None:
-        _expect(model, "inputs", {"z": "float32", "digit": "int64"})
+        names = {i.name for i in model.meta.inputs}
+        cls = {"class_weights": "float32"} if "class_weights" in names else {"digit": "int64"}
+        _expect(model, "inputs", {"z": "float32", **cls})
         _expect(model, "outputs", {"images": "float32"})
+
+    @staticmethod
+    def blends(model: Model) -> bool:
+        return any(i.name == "class_weights" for i in model.meta.inputs)
 
     def warmup(self, model: Model) -> Job:
         z, digits = pp.sample_latents(1, model.meta.preprocessing.z_dim, 0, 0)
-        return self.job(z, digits)
+        return self.job(model, z, np.eye(len(model.meta.labels), dtype=np.float32)[digits])
 
-    def job(self, z: np.ndarray, digits: np.ndarray) -> Job:
-        return Job({"z": z, "digit": digits}, len(z), lambda out: np.clip(out["images"][:, 0], 0.0, 1.0))
+    def job(self, model: Model, z: np.ndarray, weights: np.ndarray) -> Job:
+        """Latents (N, z_dim) and class weights (N, classes; one-hot for a plain digit)."""
+        if self.blends(model):
+            feeds = {"z": z, "class_weights": weights.astype(np.float32)}
+        else:
+            feeds = {"z": z, "digit": weights.argmax(1).astype(np.int64)}
+        return Job(feeds, len(z), lambda out: np.clip(out["images"][:, 0], 0.0, 1.0))
 
     async def parse(self, body: Body, model: Model, ctx: Context) -> Job:
-        payload = body.fields
-        n = int_field(payload.get("n"), "n", 1, ctx.settings.max_generate, default=16)
-        digit = payload.get("digit")
-        if digit is not None:
-            digit = int_field(digit, "digit", 0, len(model.meta.labels) - 1)
+        payload, s = body.fields, ctx.settings
+        classes = len(model.meta.labels)
         seed = payload.get("seed")
         seed = secrets.randbelow(2**31) if seed is None else int_field(seed, "seed", 0, MAX_SEED)
         fmt = payload.get("format", "png")
         if fmt not in ("png", "json"):
             raise ApiError(400, f"format must be 'png' or 'json', got {shown(fmt, 20)}", "bad_field")
+        if payload.get("morph_to") is not None:
+            return self.morph(model, payload, seed, fmt, s)
+        if "steps" in payload:
+            raise ApiError(400, "steps goes with morph_to", "bad_field")
+        n = int_field(payload.get("n"), "n", 1, s.max_generate, default=16)
+        digit = payload.get("digit")
+        if digit is not None:
+            digit = int_field(digit, "digit", 0, classes - 1)
         z, digits = pp.sample_latents(n, model.meta.preprocessing.z_dim, seed, digit)
-        job = self.job(z, digits)
-        job.info.update(seed=seed, digits=digits, format=fmt)
+        job = self.job(model, z, np.eye(classes, dtype=np.float32)[digits])
+        job.info.update(seed=seed, digits=digits.tolist(), format=fmt, cols=math.ceil(math.sqrt(n)))
+        return job
+
+    def morph(self, model: Model, payload: dict, seed: int, fmt: str, s) -> Job:
+        """`steps` frames from (digit, seed) to morph_to's (digit, seed): latents on the great
+        circle between the two (slerp), class weights on the line between the two digits."""
+        classes, target = len(model.meta.labels), payload["morph_to"]
+        if "n" in payload:
+            raise ApiError(400, "n does not go with morph_to: the frames are `steps`", "bad_field")
+        if not isinstance(target, dict) or not set(target) <= {"digit", "seed"}:
+            raise ApiError(400, 'morph_to must be an object like {"digit": 8, "seed": 1}', "bad_field")
+        if payload.get("digit") is None:
+            raise ApiError(400, "a morph starts from a digit: give 'digit' with morph_to", "missing_field")
+        d0 = int_field(payload["digit"], "digit", 0, classes - 1)
+        d1 = int_field(target.get("digit", d0), "morph_to.digit", 0, classes - 1)
+        s1 = int_field(target.get("seed", seed), "morph_to.seed", 0, MAX_SEED)
+        steps = int_field(payload.get("steps"), "steps", 2, s.max_generate, default=9)
+        if d0 != d1 and not self.blends(model):
+            raise ApiError(
+                400,
+                f"generator version {model.version} takes an integer digit: it can morph between "
+                "seeds, not between digits",
+                "bad_field",
+            )
+        z, weights = pp.morph_inputs(model.meta.preprocessing.z_dim, classes, (d0, seed), (d1, s1), steps)
+        job = self.job(model, z, weights)
+        job.info.update(
+            seed=seed,
+            digits=weights.argmax(1).tolist(),
+            format=fmt,
+            cols=steps,
+            morph={"from": {"digit": d0, "seed": seed}, "to": {"digit": d1, "seed": s1}, "steps": steps},
+        )
         return job
 
     def answer(self, model: Model, job: Job, images: np.ndarray) -> Answer:
         info = job.info
         if info["format"] == "json":
-            return Answer(
-                {
-                    "images": [base64.b64encode(pp.png_bytes(im)).decode() for im in images],
-                    "seed": info["seed"],
-                    "digits": info["digits"].tolist(),
-                    "model_version": model.version,
-                }
-            )
-        cols = math.ceil(math.sqrt(len(images)))
+            body = {
+                "images": [base64.b64encode(pp.png_bytes(im)).decode() for im in images],
+                "seed": info["seed"],
+                "digits": info["digits"],
+                "model_version": model.version,
+            }
+            if "morph" in info:
+                body["morph"] = info["morph"]
+            return Answer(body)
         headers = {
             "X-Seed": str(info["seed"]),
             "X-Digits": ",".join(map(str, info["digits"])),
             "X-Model-Version": model.version,
         }
-        return Answer(pp.png_bytes(pp.grid(images, cols=cols)), "image/png", headers)
+        return Answer(pp.png_bytes(pp.grid(images, cols=info["cols"])), "image/png", headers)
 
     def describe(self, model: Model) -> dict:
-        return {"labels": model.meta.labels}
+        return {"labels": model.meta.labels, "blends_classes": self.blends(model)}
 
     client_method, response = "generate", "png"
     response_schema = "Generated"
 
     def properties(self, s, models):
+        point = {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "digit": {"type": "integer", "minimum": 0, "maximum": 9},
+                "seed": {"type": "integer", "minimum": 0, "maximum": MAX_SEED},
+            },
+        }
         return {
             "n": {"type": "integer", "minimum": 1, "maximum": s.max_generate, "default": 16},
             "digit": {
@@ -445,9 +504,22 @@ class ConditionalGeneration(Task):
                 "type": "integer",
                 "minimum": 0,
                 "maximum": MAX_SEED,
-                "description": "the same n, digit and seed always give byte-identical images",
+                "description": "the same request always gives byte-identical images",
             },
             "format": {"type": "string", "enum": ["png", "json"], "default": "png"},
+            "morph_to": {
+                **point,
+                "description": "morph from (digit, seed) to this digit and/or seed: `steps` "
+                "frames (n must be absent; digit is required). Seeds morph along the latents' great "
+                "circle (slerp), digits by blending the class weights",
+            },
+            "steps": {
+                "type": "integer",
+                "minimum": 2,
+                "maximum": s.max_generate,
+                "default": 9,
+                "description": "frames of a morph, both ends included",
+            },
         }, []
 
 
@@ -643,7 +715,8 @@ def classify_token_ids(model: Model, sequences: Sequence[Sequence[int]]) -> np.n
 
 def generate(model: Model, z: np.ndarray, digits: np.ndarray) -> np.ndarray:
     """Latents (N, z_dim) and digits (N,) -> images (N, 28, 28) in [0, 1]."""
-    return run_job(model, TASKS[model.task].job(z, digits))
+    weights = np.eye(len(model.meta.labels), dtype=np.float32)[digits]
+    return run_job(model, TASKS[model.task].job(model, z, weights))
 
 
 def compress(encoder: Model, images: np.ndarray) -> list[bytes]:

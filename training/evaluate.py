@@ -332,6 +332,8 @@ def smoke_feeds(model, ctx: dict) -> dict[str, np.ndarray]:
         return {"tokens": tokens, "lengths": lengths}
     if task == "conditional-image-generation":
         z, digits = pp.sample_latents(SMOKE_ROWS, model.meta.preprocessing.z_dim, seed=0)
+        if any(i.name == "class_weights" for i in model.meta.inputs):
+            return {"z": z, "class_weights": np.eye(len(model.meta.labels), dtype=np.float32)[digits]}
         return {"z": z, "digit": digits}
     if task == "image-compression-decoder":
         c = model.meta.codec

@@ -52,9 +52,11 @@ class Generator(nn.Module):
         )
         self.channels = c
 
-    def forward(self, z: torch.Tensor, digit: torch.Tensor) -> torch.Tensor:
-        # z: (B, z_dim), digit: (B,) int64 -> images (B, 1, 28, 28) in [0, 1]
-        h = self.fc(torch.cat([z, self.embed(digit)], dim=1)).view(-1, self.channels, 7, 7)
+    def forward(self, z: torch.Tensor, class_weights: torch.Tensor) -> torch.Tensor:
+        # z: (B, z_dim), class_weights: (B, 10) (one-hot for a digit; blends in between)
+        # -> images (B, 1, 28, 28) in [0, 1]. A product with the embedding table, not a
+        # lookup, so the exported graph takes weights between classes (the playground's morph).
+        h = self.fc(torch.cat([z, class_weights @ self.embed.weight], dim=1)).view(-1, self.channels, 7, 7)
         return (self.net(h) + 1) / 2
 
 
@@ -103,7 +105,7 @@ def train(cfg: Config, family: str) -> common.Trained:
             real, digit = x[idx], y[idx]
             z = torch.randn(len(idx), cfg.z_dim, generator=gen)
             fake_digit = torch.randint(0, 10, (len(idx),), generator=gen)
-            fake = G(z, fake_digit)
+            fake = G(z, F.one_hot(fake_digit, 10).float())
 
             s_real, c_real = D(real, digit)
             s_fake, _ = D(fake.detach(), fake_digit)
@@ -134,7 +136,7 @@ def train(cfg: Config, family: str) -> common.Trained:
     spec = ExportSpec(
         name=family,
         task="conditional-image-generation",
-        inputs={"z": z, "digit": digits},
+        inputs={"z": z, "class_weights": np.eye(10, dtype=np.float32)[digits]},
         outputs=["images"],
         dynamic_axes={},
         preprocessing={

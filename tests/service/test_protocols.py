@@ -12,7 +12,7 @@ import tritonclient.http as triton
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import FIXTURES, active_meta, png
+from tests.conftest import FIXTURES, active_meta, manifest, png
 from tests.service.conftest import Server
 
 SEVEN = FIXTURES / "mnist_test0_label7.png"
@@ -45,7 +45,7 @@ def test_tritonclient_health_metadata_and_config(tc):
     meta = tc.get_model_metadata("digits")
     assert meta["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 1, 28, 28]}]
     assert meta["outputs"][0] == {"name": "logits", "datatype": "FP32", "shape": [-1, 10]}
-    assert meta["versions"] == [version]
+    assert meta["versions"][0] == version and manifest()["families"]["digits"]["previous"] in meta["versions"]
     config = tc.get_model_config("digits")
     assert config["max_batch_size"] == 64 and config["input"][0]["dims"] == [1, 28, 28]
     assert set(tc.get_server_metadata()["extensions"]) == {"binary_tensor_data", "model_configuration"}
@@ -101,9 +101,9 @@ def test_tritonclient_sentiment_text_agrees_with_classify(server, tc, sst2_dev20
 
 def test_tritonclient_raw_models_generate_compress_and_denoise(tc):
     z = np.random.default_rng(0).standard_normal((4, 64), dtype=np.float32)
-    zi, di = triton.InferInput("z", [4, 64], "FP32"), triton.InferInput("digit", [4], "INT64")
+    zi, di = triton.InferInput("z", [4, 64], "FP32"), triton.InferInput("class_weights", [4, 10], "FP32")
     zi.set_data_from_numpy(z)
-    di.set_data_from_numpy(np.array([3, 3, 8, 8], np.int64))
+    di.set_data_from_numpy(np.eye(10, dtype=np.float32)[[3, 3, 8, 8]])
     images = tc.infer("generator", [zi, di]).as_numpy("images")
     assert images.shape == (4, 1, 28, 28)
     x = triton.InferInput("image", [4, 1, 28, 28], "FP32")
