@@ -13,7 +13,7 @@ from service.errors import ApiError, shown, str_field
 from service.tasks import TASKS, Answer, Body, Task, routes
 
 STATIC = Path(__file__).resolve().parent / "static"
-SWAGGER = ("swagger-ui.css", "swagger-ui-bundle.js", "swagger-ui-standalone-preset.js", "favicon-light-32x32.png")
+SWAGGER = ("swagger-ui.css", "swagger-ui-bundle.js", "favicon-light-32x32.png")
 CSP = "default-src 'self'; img-src 'self' data: blob:"
 COMMON_FIELDS = frozenset({"model", "model_version"})
 WRONG_TYPE = {

@@ -145,7 +145,7 @@ function debounce(fn, ms) {
 
 // ------------------------------------------------------------------ result rendering
 
-const percent = (p) => `${(p * 100).toFixed(p >= 0.995 || p < 0.001 ? 1 : 0)}%`;
+const percent = (p) => `${(p * 100).toFixed(1)}%`;
 
 function showBars(list, topK) {
   list.replaceChildren(
