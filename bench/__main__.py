@@ -30,11 +30,21 @@ from bench.harness import FIXTURES, REPO, check, free_port, machine, payloads, s
 SERVERS = {
     "deepserve": "deepserve (make serve defaults)",
     "deepserve-nobatch": "deepserve, batching off",
+    "deepserve-notiming": "deepserve without Server-Timing and its stage histogram (what they cost)",
     "fastapi": "FastAPI + uvicorn, one request at a time",
     "litserve": "LitServe, batch 32 / 5 ms",
     "noop": "no-op server, same upload (ceiling)",
 }
 ENDPOINTS = ["classify-image", "classify-text", "generate-16", "denoise"]
+# deepserve only: the Open Inference Protocol beside /classify, and the previous digits version
+# (no out-of-distribution head, no calibration) beside the active one: what trust costs
+EXTRA = {"deepserve": ["v2-digits", "classify-image-previous"], "deepserve-notiming": []}
+
+
+def endpoints(kind: str) -> list[str]:
+    if kind == "deepserve-notiming":
+        return ["classify-image", "classify-text"]
+    return ENDPOINTS + EXTRA.get(kind, [])
 
 
 def in_process(seconds: float = 0.5) -> dict[str, dict]:
@@ -90,14 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"servers": {}, "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
     with tempfile.TemporaryDirectory() as tmp:
         bodies = payloads(Path(tmp))
-        total = len(args.only) * len(ENDPOINTS) * len(args.concurrency)
+        total = sum(len([e for e in endpoints(k) if e in bodies]) for k in args.only) * len(args.concurrency)
         done = 0
         for kind in args.only:
             port = free_port()
             proc = start(kind, port, Path(tmp) / f"{kind}.log")
             try:
                 table = results["servers"][kind] = {}
-                for ep in ENDPOINTS:
+                for ep in [e for e in endpoints(kind) if e in bodies]:
                     check(f"http://127.0.0.1:{port}", bodies[ep])
                     wrk(f"http://127.0.0.1:{port}", bodies[ep], 8, 2)  # warm-up
                     for c in args.concurrency:

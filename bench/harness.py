@@ -47,10 +47,41 @@ def payloads(tmp: Path) -> dict[str, tuple[str, str, Path]]:
         "compress": ("/compress", "multipart/form-data; boundary=BENCH", multipart(seven)),
         "decompress": ("/decompress", "application/json", json.dumps({"code": "Z8RMuEVmZnmZJ4Jp24x1Rg=="}).encode()),
     }
+    # the Open Inference Protocol: one digit as a binary tensor, normalized as the metadata says
+    manifest = json.loads((REPO / "exported" / "manifest.json").read_text())
+    digits = manifest["models"]["digits"]
+    meta = json.loads(
+        (REPO / "exported" / digits["versions"][manifest["families"]["digits"]["active"]]["metadata"]).read_text()
+    )
+    x = pp.normalize(clean, meta["preprocessing"]["mean"], meta["preprocessing"]["std"]).astype(np.float32).tobytes()
+    head = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "image",
+                    "datatype": "FP32",
+                    "shape": [1, 1, 28, 28],
+                    "parameters": {"binary_data_size": len(x)},
+                }
+            ],
+            "outputs": [{"name": "logits"}],
+        }
+    ).encode()
+    bodies["v2-digits"] = ("/v2/models/digits/infer", "application/octet-stream", head + x)
+    headers = {"v2-digits": f"Inference-Header-Content-Length: {len(head)}"}
+    # the same digit on the previous digits version (no out-of-distribution head, no calibration)
+    previous = manifest["families"]["digits"]["previous"]
+    if previous:
+        field = b'--BENCH\r\nContent-Disposition: form-data; name="model_version"\r\n\r\n' + previous.encode() + b"\r\n"
+        bodies["classify-image-previous"] = (
+            "/classify",
+            "multipart/form-data; boundary=BENCH",
+            field + multipart(seven),
+        )
     out = {}
     for name, (path, ctype, body) in bodies.items():
         (tmp / name).write_bytes(body)
-        out[name] = (path, ctype, tmp / name)
+        out[name] = (path, ctype, tmp / name, headers.get(name, ""))
     return out
 
 
@@ -76,6 +107,9 @@ def start(kind: str, port: int, log: Path, extra_env: dict[str, str] | None = No
         ]
         if kind == "deepserve-nobatch":
             env["DEEPSERVE_BATCHING"] = "false"
+        if kind == "deepserve-notiming":
+            env["DEEPSERVE_SERVER_TIMING"] = "false"
+        env.setdefault("BENTOML_HOME", str(log.parent / f"bentoml-{port}"))
     else:
         cmd = [sys.executable, "-m", "bench.peers", kind, str(port)]
     if PIN:
@@ -111,8 +145,8 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def wrk(url: str, body: tuple[str, str, Path], connections: int, seconds: float) -> dict:
-    path, ctype, file = body
+def wrk(url: str, body: tuple, connections: int, seconds: float) -> dict:
+    path, ctype, file, header = body
     cmd = [
         "wrk",
         "-t1",
@@ -130,7 +164,7 @@ def wrk(url: str, body: tuple[str, str, Path], connections: int, seconds: float)
         cmd,
         capture_output=True,
         text=True,
-        env={**os.environ, "BENCH_BODY": str(file), "BENCH_TYPE": ctype},
+        env={**os.environ, "BENCH_BODY": str(file), "BENCH_TYPE": ctype, "BENCH_HEADER": header},
         timeout=seconds + 60,
     )
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith("{")), None)
@@ -149,11 +183,12 @@ def wrk(url: str, body: tuple[str, str, Path], connections: int, seconds: float)
     }
 
 
-def check(url: str, body: tuple[str, str, Path]) -> None:
+def check(url: str, body: tuple) -> None:
     """One request before measuring: a server that answers errors fast must not look fast."""
-    path, ctype, file = body
+    path, ctype, file, header = body
+    extra = dict([header.split(": ", 1)]) if header else {}
     for _ in range(20):  # a 503 right after a 128-connection run: the server is still draining it
-        r = httpx.post(url + path, content=file.read_bytes(), headers={"Content-Type": ctype}, timeout=30)
+        r = httpx.post(url + path, content=file.read_bytes(), headers={"Content-Type": ctype, **extra}, timeout=30)
         if r.status_code != 503:
             break
         time.sleep(0.5)

@@ -4,6 +4,12 @@ wrk.method = "POST"
 wrk.body = f:read("*a")
 f:close()
 wrk.headers["Content-Type"] = os.getenv("BENCH_TYPE")
+-- optional extra header "Name: value" (the Open Inference Protocol's binary tensors)
+local extra = os.getenv("BENCH_HEADER")
+if extra and #extra > 0 then
+  local name, value = extra:match("^([^:]+):%s*(.*)$")
+  wrk.headers[name] = value
+end
 
 function done(summary, latency, requests)
   local e = summary.errors

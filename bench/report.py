@@ -11,6 +11,10 @@ LABELS = {
     "generate-16": "/generate n=16",
     "denoise": "/denoise",
 }
+EXTRA_LABELS = {
+    "v2-digits": "/v2/models/digits/infer (1 row, binary)",
+    "classify-image-previous": "/classify (image), previous digits version",
+}
 
 
 def _get(results, kind, ep, c, key="rps"):
@@ -59,6 +63,43 @@ def targets(results: dict) -> list[tuple[str, str, bool]]:
                     on >= 2 * off,
                 )
             )
+    for name, num, den, kind_num, kind_den, bar in (
+        (
+            "/v2 digits (binary tensors) vs /classify (image)",
+            "v2-digits",
+            "classify-image",
+            "deepserve",
+            "deepserve",
+            None,
+        ),
+        (
+            "trust (ood_score + calibration) costs ≤ 10% of /classify (image)",
+            "classify-image",
+            "classify-image-previous",
+            "deepserve",
+            "deepserve",
+            0.9,
+        ),
+        (
+            "Server-Timing + stage histogram cost ≤ 2% (/classify image)",
+            "classify-image",
+            "classify-image",
+            "deepserve",
+            "deepserve-notiming",
+            0.98,
+        ),
+        (
+            "Server-Timing + stage histogram cost ≤ 2% (/classify text)",
+            "classify-text",
+            "classify-text",
+            "deepserve",
+            "deepserve-notiming",
+            0.98,
+        ),
+    ):
+        a, b = _get(results, kind_num, num, 32), _get(results, kind_den, den, 32)
+        if a and b:
+            rows.append((name, f"{a:.0f} vs {b:.0f} req/s ({a / b:.2f}×)", True if bar is None else a / b >= bar))
     return rows
 
 
@@ -127,14 +168,16 @@ def write_report(results: dict, args) -> None:
         lines += ["## Targets (concurrency 32)", "", "| target | measured | met |", "|---|---|---|"]
         lines += [f"| {name} | {measured} | {'yes' if ok else '**no**'} |" for name, measured, ok in t]
         lines.append("")
-    for ep, label in LABELS.items():
+    for ep, label in {**LABELS, **EXTRA_LABELS}.items():
+        if not any(ep in results["servers"][k] for k in results["servers"]):
+            continue
         lines += [
             f"## {label}",
             "",
             "| server | " + " | ".join(f"c={c} req/s" for c in conc) + " | c=32 p50 / p95 / p99 ms | c=32 errors |",
             "|---" * (len(conc) + 3) + "|",
         ]
-        for kind in results["servers"]:
+        for kind in [k for k in results["servers"] if ep in results["servers"][k]]:
             rps = " | ".join(f"{_get(results, kind, ep, c) or 0:,.0f}" for c in conc)
             lat = "/".join(f"{_get(results, kind, ep, 32, k) or 0:.1f}" for k in ("p50_ms", "p95_ms", "p99_ms"))
             lines.append(f"| {kind} | {rps} | {lat} | {_get(results, kind, ep, 32, 'errors')} |")

@@ -48,6 +48,7 @@ log = logging.getLogger("deepserve")
 REQUEST_ID = contextvars.ContextVar("deepserve_request_id", default="-")
 SAFE_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
 TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+FLUSH_S = 1.0  # aggregated request metrics are written at least this often (service.metrics)
 INLINE_PIXELS = 256 * 256  # a request whose images total fewer pixels decodes on the event loop
 JSON_OFF_LOOP = 64 * 1024  # larger JSON bodies are parsed in a thread
 PASSTHROUGH = frozenset({"/livez", "/healthz", "/readyz", "/metrics"})  # BentoML's own routes
@@ -294,6 +295,7 @@ class App:
         self.routes: dict[str, Route] = {}
         self.prefixes: list[tuple[str, Callable[[str], tuple[Route, dict] | None]]] = []
         self._hold = settings.shed_hold_ms / 1000
+        self._flusher: asyncio.TimerHandle | None = None  # the next write of aggregated metrics
         self._static = {}
         from service import routes as route_table
 
@@ -337,6 +339,8 @@ class App:
             return
         path = scope["path"]
         if path in PASSTHROUGH and self.fallback is not None:
+            if path == "/metrics":
+                metrics.aggregate.flush()  # what this worker counted so far is in the scrape
             return await self.fallback(scope, receive, send)
         await self.handle(scope, receive, send, path)
 
@@ -424,6 +428,10 @@ class App:
             if req.cancelled.is_set() or not req.alive():
                 req.cancelled.set()
 
+    def _flush(self) -> None:
+        self._flusher = None
+        metrics.aggregate.flush()
+
     def check_api_key(self, req: Request) -> None:
         key = self.settings.api_key
         if not key:
@@ -463,7 +471,7 @@ class App:
             version, trace_id, flags = req.trace
             headers.append((b"traceparent", f"{version}-{trace_id}-{os.urandom(8).hex()}-{flags}".encode()))
         total = time.perf_counter() - req.start
-        if req.timings:
+        if req.timings and self.settings.server_timing:
             req.timings["total"] = total
             headers.append(
                 (b"server-timing", ", ".join(f"{k};dur={v * 1000:.2f}" for k, v in req.timings.items()).encode())
@@ -477,14 +485,15 @@ class App:
         self.record(req, resp.status, total)
 
     def record(self, req: Request, status: int, total: float | None = None) -> None:
-        m = metrics.get()
-        code = str(status)
+        agg, code = metrics.aggregate, str(status)
         total = time.perf_counter() - req.start if total is None else total
-        m.requests.labels(req.endpoint, code).inc()
-        m.duration.labels(req.endpoint, code).observe(total)
-        if req.timings and status < 400:
+        agg.inc("requests", (req.endpoint, code))
+        agg.observe("duration", (req.endpoint, code), total)
+        if req.timings and status < 400 and self.settings.server_timing:
             for stage, seconds in req.timings.items():
-                m.stage.labels(req.endpoint, stage).observe(seconds)
+                agg.observe("stage", (req.endpoint, stage), seconds)
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().call_later(FLUSH_S, self._flush)
         if self.settings.access_log:
             log.info("%s %s %d %.1f ms", req.method, req.endpoint, status, total * 1000)
 

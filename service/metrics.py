@@ -11,7 +11,10 @@ status codes from what deepserve sends. So /metrics cannot grow with what client
 
 from __future__ import annotations
 
+import bisect
 import functools
+import threading
+from collections import defaultdict
 from types import SimpleNamespace
 
 # CPU inference of these models takes 0.1–50 ms per batch; buckets resolve that range.
@@ -122,6 +125,54 @@ def get() -> SimpleNamespace:
             "deepserve_model_swaps", "model version changes attempted, by family and outcome", ["family", "outcome"]
         ),
     )
+
+
+class Aggregator:
+    """Per-request observations, summed in memory and written to the metrics about once a
+    second (and before every scrape). In multiprocess mode every observe() is a locked
+    write into a memory-mapped file: per request (status, duration, six stages, a
+    confidence per answer) that cost about 5% of /classify's throughput on one core; a
+    flush writes each bucket that changed once."""
+
+    BUCKETS = {"duration": REQUEST_BUCKETS, "stage": SECONDS_BUCKETS, "confidence": CONFIDENCE_BUCKETS}
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.counters: dict[tuple, float] = defaultdict(float)
+        self.histograms: dict[tuple, list] = {}
+
+    def inc(self, metric: str, labels: tuple, n: float = 1.0) -> None:
+        with self.lock:
+            self.counters[(metric, labels)] += n
+
+    def observe(self, metric: str, labels: tuple, value: float) -> None:
+        bounds = self.BUCKETS[metric]
+        i = bisect.bisect_left(bounds, value)  # the first bucket whose bound is >= value (len: +Inf)
+        with self.lock:
+            h = self.histograms.get((metric, labels))
+            if h is None:
+                h = self.histograms[(metric, labels)] = [0.0, [0] * (len(bounds) + 1)]
+            h[0] += value
+            h[1][i] += 1
+
+    def flush(self) -> None:
+        with self.lock:
+            counters, histograms = self.counters, self.histograms
+            self.counters, self.histograms = defaultdict(float), {}
+        m = get()
+        for (metric, labels), n in counters.items():
+            getattr(m, metric).labels(*labels).inc(n)
+        for (metric, labels), (total, counts) in histograms.items():
+            # prometheus_client keeps a histogram as its sum and a count per bucket (not
+            # cumulative), which observe() increments; the same, in one write per bucket
+            child = getattr(m, metric).labels(*labels)
+            child._sum.inc(total)
+            for bucket, n in zip(child._buckets, counts):
+                if n:
+                    bucket.inc(n)
+
+
+aggregate = Aggregator()
 
 
 def observe_batch(model: str, rows: int, seconds: float) -> None:

@@ -73,9 +73,12 @@ class DeepServe:
 
     @bentoml.on_shutdown
     def close(self) -> None:
+        from service import metrics
+
         if getattr(self, "follower", None) is not None:
             self.follower.stop()
         self.core.shutdown()
+        metrics.aggregate.flush()
 
     def __is_ready__(self) -> bool:
         return self.core.ready and not self.drain.draining

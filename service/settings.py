@@ -107,10 +107,14 @@ class Settings(BaseSettings):
         description="how long an admin load or rollback waits for every worker before it answers 504",
     )
     cors_origins: str = Field("", description="comma-separated origins allowed by CORS; empty = CORS off")
+    server_timing: bool = Field(
+        True,
+        description="Server-Timing headers on model answers and the deepserve_stage_seconds histogram (off: neither)",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="deepserve's own log level")
     access_log: bool = Field(
         False,
-        description="BentoML's per-request access log lines (off: they cost throughput; metrics count every request)",
+        description="one log line per request (method, endpoint, status, milliseconds, request id); off: metrics count every request",
     )
 
     @model_validator(mode="after")

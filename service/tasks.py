@@ -161,7 +161,7 @@ def _classification(model: Model, probs: np.ndarray, top_k: int) -> dict:
     labels = model.meta.labels
     order = np.argsort(-probs, kind="stable")[: min(top_k, len(labels))]
     best = int(order[0])
-    metrics.get().confidence.labels(model.name).observe(float(probs[best]))
+    metrics.aggregate.observe("confidence", (model.name,), float(probs[best]))
     return {
         "model": model.name,
         "model_version": model.version,
@@ -174,11 +174,10 @@ def _classification(model: Model, probs: np.ndarray, top_k: int) -> dict:
 
 def _count_ood(model: Model, results: list[dict]) -> None:
     flagged = sum(1 for r in results if not r["in_distribution"])
-    counter = metrics.get().ood
     if flagged:
-        counter.labels(model.name, "false").inc(flagged)
+        metrics.aggregate.inc("ood", (model.name, "false"), flagged)
     if len(results) > flagged:
-        counter.labels(model.name, "true").inc(len(results) - flagged)
+        metrics.aggregate.inc("ood", (model.name, "true"), len(results) - flagged)
 
 
 def calibrated(model: Model, logits: np.ndarray) -> np.ndarray:

@@ -1,0 +1,97 @@
+"""The admin API's agreement with the other workers, in-process: a real core and its
+follower, and a second worker that speaks the same protocol (a status file with a
+heartbeat, following the manifest) but refuses the new version, or never switches."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from service.metadata import write_json_atomic
+from service.versions import Follower, status_dir
+from tests.conftest import EXPORTED
+from tests.service.test_versions import add_version
+
+ADMIN = {"Authorization": "Bearer admin"}
+
+
+class OtherWorker(threading.Thread):
+    """A worker elsewhere that follows the manifest and reports through its status file."""
+
+    def __init__(self, directory: Path, behaviour: str):
+        super().__init__(daemon=True)
+        self.directory, self.behaviour, self.stop = directory, behaviour, threading.Event()
+
+    def run(self) -> None:
+        old = json.loads((self.directory / "manifest.json").read_text())["families"]["digits"]["active"]
+        while not self.stop.is_set():
+            active = json.loads((self.directory / "manifest.json").read_text())["families"]["digits"]["active"]
+            state = {"active": old, "previous": None, "state": "serving", "target": old, "error": None}
+            if active != old and self.behaviour == "refuses":
+                state.update(state="failed", target=active, error="out of memory while loading")
+            status_dir(self.directory).mkdir(exist_ok=True)
+            write_json_atomic(status_dir(self.directory) / "elsewhere-2.json",
+                              {"worker": "elsewhere-2", "pid": 0, "heartbeat": time.time(), "families": {"digits": state}})  # fmt: skip
+            time.sleep(0.1)
+
+
+@pytest.fixture
+def setup(tmp_path, make_app):
+    root = tmp_path / "exported"
+    shutil.copytree(EXPORTED, root, ignore=shutil.ignore_patterns(".status", ".manifest.lock"))
+    add_version(root, "digits", "2099-03-01-candidate")
+    ip = make_app(exported_dir=root, admin_key="admin", swap_timeout_s=2)
+    follower = Follower(ip.core, 0.1)
+    ip.client.portal.call(_start, follower)
+    ip.app.follower = follower
+    yield root, ip
+    ip.client.portal.call(follower.stop)
+
+
+async def _start(follower: Follower) -> None:
+    follower.start()
+
+
+def active(root: Path) -> str:
+    return json.loads((root / "manifest.json").read_text())["families"]["digits"]["active"]
+
+
+def test_a_worker_that_refuses_the_version_sends_every_worker_back(setup):
+    root, ip = setup
+    old = active(root)
+    other = OtherWorker(root, "refuses")
+    other.start()
+    try:
+        time.sleep(0.3)
+        r = ip.client.post("/admin/models/digits/load", json={"version": "2099-03-01-candidate"}, headers=ADMIN)
+    finally:
+        other.stop.set()
+    assert r.status_code == 409, r.text
+    assert "out of memory while loading" in r.json()["error"] and f"back on {old}" in r.json()["error"]
+    assert active(root) == old  # the manifest is put back
+    assert ip.client.get("/models").json()["models"][0]["version"] == old  # and this worker returned to it
+
+
+def test_a_worker_that_never_switches_gives_504_with_every_worker_s_state(setup):
+    root, ip = setup
+    other = OtherWorker(root, "never switches")
+    other.start()
+    try:
+        time.sleep(0.3)
+        r = ip.client.post("/admin/models/digits/load", json={"version": "2099-03-01-candidate"}, headers=ADMIN)
+    finally:
+        other.stop.set()
+    assert r.status_code == 504, r.text
+    workers = {w["worker"]: w for w in r.json()["workers"]}
+    assert workers["elsewhere-2"]["active"] != "2099-03-01-candidate"
+    assert any(w["active"] == "2099-03-01-candidate" for name, w in workers.items() if name != "elsewhere-2")
+
+
+def test_the_admin_api_is_off_without_its_key(client):
+    r = client.post("/admin/models/digits/load", json={"version": "x"}, headers=ADMIN)
+    assert r.status_code == 404 and "admin API is off" in r.json()["error"]

@@ -1,0 +1,40 @@
+"""Aggregated observations reach Prometheus exactly as direct ones would."""
+
+import prometheus_client as prom
+
+from service import metrics
+
+
+def samples(registry, name: str, **labels) -> dict:
+    out = {}
+    for family in registry.collect():
+        for s in family.samples:
+            if s.name.startswith(name) and all(s.labels.get(k) == v for k, v in labels.items()):
+                out[(s.name, s.labels.get("le"))] = s.value
+    return out
+
+
+def test_aggregated_histograms_and_counters_equal_direct_observations():
+    values = [0.0001, 0.0003, 0.0021, 0.0021, 0.05, 0.3, 7.0, 100.0]
+    m = metrics.get()
+    direct = prom.Histogram("direct_stage_seconds", "x", ["endpoint", "stage"], buckets=metrics.SECONDS_BUCKETS)
+    for v in values:
+        direct.labels("/classify", "decode").observe(v)
+        metrics.aggregate.observe("stage", ("/classify", "decode"), v)
+    metrics.aggregate.inc("requests", ("/classify", "200"), 3)
+    before = samples(prom.REGISTRY, "deepserve_http_requests_total", endpoint="/classify", code="200")
+    metrics.aggregate.flush()
+    want = {
+        (k[0].replace("direct_stage", "deepserve_stage"), k[1]): v
+        for k, v in samples(prom.REGISTRY, "direct_stage_seconds").items()
+        if not k[0].endswith("_created")
+    }
+    got = {
+        k: v
+        for k, v in samples(prom.REGISTRY, "deepserve_stage_seconds", endpoint="/classify", stage="decode").items()
+        if not k[0].endswith("_created")
+    }
+    assert got == want
+    after = samples(prom.REGISTRY, "deepserve_http_requests_total", endpoint="/classify", code="200")
+    assert after[("deepserve_http_requests_total", None)] - before.get(("deepserve_http_requests_total", None), 0) == 3
+    assert m is metrics.get()
