@@ -197,7 +197,13 @@ def write_report(results: dict, args) -> None:
     notes = REPO / "bench" / "NOTES.md"
     if notes.is_file():
         lines += [notes.read_text().strip(), ""]
-    (REPO / "docs" / "benchmarks.md").write_text("\n".join(lines))
+    path = REPO / "docs" / "benchmarks.md"
+    old = path.read_text() if path.is_file() else ""
+    start = old.find("## Overload: goodput")  # make stress's section survives a new make bench
+    if start >= 0:
+        end = old.find("\n## ", start + 1)
+        lines += ["", old[start : end if end >= 0 else len(old)].rstrip("\n")]
+    path.write_text("\n".join(lines) + "\n")
     print("wrote docs/benchmarks.md and docs/img/bench_*.png")
 
 

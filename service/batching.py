@@ -91,14 +91,15 @@ class Batcher:
         running = max(self.running_until - time.monotonic(), 0.0)
         return running + self.cost.seconds(self.queued_rows + rows, batches_ahead)
 
-    def admit(self, rows: int) -> None:
-        """Shed now if the request would be late (call before doing work for it)."""
-        if self.queue and self.predicted_wait(rows) > self.max_latency_s:
+    def admit(self, rows: int, spent_s: float = 0.0) -> None:
+        """Shed now if the request would be late (call before doing work for it); `spent_s`:
+        what the request has already waited (for a slot, its body), which counts too."""
+        if self.queue and spent_s + self.predicted_wait(rows) > self.max_latency_s:
             raise Overloaded(f"{self.name} is overloaded: the request would wait too long")
 
-    async def submit(self, job: Any, rows: int, alive: Callable[[], bool] | None = None) -> Any:
+    async def submit(self, job: Any, rows: int, alive: Callable[[], bool] | None = None, spent_s: float = 0.0) -> Any:
         """One validated job in, its result out (batched with concurrent jobs)."""
-        self.admit(rows)
+        self.admit(rows, spent_s)
         if self._loop_task is None:
             self._wake = asyncio.Event()
             self._loop_task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.name}")

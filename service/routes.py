@@ -181,15 +181,12 @@ def model_handler(app, path: str, by_body: dict[str, Task]):
             body = Body("multipart", fields, files)
         model, batcher = resolve(core, task, by_body, body.fields)
         batcher.admit(1)  # shed before decoding anything when the model's queue is already too long
-        app.in_flight += 1
-        try:
+        async with app.work():
             job = await task.parse(body, model, req)
-            result = await batcher.submit(job, job.rows, req.alive)
+            result = await batcher.submit(job, job.rows, req.alive, time.perf_counter() - req.start)
             req.timings["queue"], req.timings["infer"] = job.queued_s, job.infer_s
             started = time.perf_counter()
             answer: Answer = task.answer(model, job, result)
-        finally:
-            app.in_flight -= 1
         if isinstance(answer.content, dict):
             resp = json_response(answer.content, answer.status, answer.headers)
         else:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import socket
 
 import bentoml
@@ -36,6 +37,8 @@ try:
 except (ValidationError, ModelLoadError) as exc:
     raise SystemExit(f"deepserve cannot start: {exc}") from None
 logging.getLogger("deepserve").setLevel(settings.log_level)
+if listening_fd() is None:  # the `bentoml serve` process: its workers will know who started them
+    os.environ["DEEPSERVE_SUPERVISOR_PID"] = str(os.getpid())
 
 front = build_app(settings=settings)  # the core is bound in each worker, below
 app = getattr(front, "deepserve", front)

@@ -15,7 +15,6 @@ are understood in both directions; any Content-Type is accepted on infer.
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 import time
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 
 from service.errors import ApiError, shown
 from service.metadata import TensorSpec
@@ -444,18 +444,15 @@ def install(app) -> None:
         job = view.to_job(model, feeds, s)
         req.timings["decode"] = time.perf_counter() - started
         batcher.admit(job.rows)
-        app.in_flight += 1
-        try:
-            outputs = await batcher.submit(job, job.rows, req.alive)
-        finally:
-            app.in_flight -= 1
+        async with app.work():
+            outputs = await batcher.submit(job, job.rows, req.alive, time.perf_counter() - req.start)
         req.timings["queue"], req.timings["infer"] = job.queued_s, job.infer_s
         started = time.perf_counter()
         head, blob = encode_outputs(view, payload, outputs)
         if "id" in payload:
             head["id"] = payload["id"]
         head["model_version"] = model.version
-        text = json.dumps(head, separators=(",", ":")).encode()
+        text = orjson.dumps(head)
         req.timings["encode"] = time.perf_counter() - started
         if blob:
             headers = [(b"inference-header-content-length", str(len(text)).encode())]

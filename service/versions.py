@@ -188,11 +188,13 @@ def worker_states(directory: Path) -> list[dict]:
 
 
 async def watch_supervisor(drain, interval_s: float = 1.0) -> None:
-    """Drain and exit when the process that started this worker is gone (no ghost workers)."""
-    parent = os.getppid()
+    """Drain and exit when the process that started this worker is gone (no ghost workers).
+    The supervisor's pid comes from the environment it set before starting the workers, so a
+    supervisor killed while this worker was still starting is noticed too."""
+    parent = int(os.environ.get("DEEPSERVE_SUPERVISOR_PID") or os.getppid())
     while True:
-        await asyncio.sleep(interval_s)
         if os.getppid() != parent:
             log.warning("the supervisor (pid %d) is gone: draining, then exiting", parent)
             drain.start()
             return
+        await asyncio.sleep(interval_s)

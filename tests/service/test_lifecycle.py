@@ -161,7 +161,7 @@ def test_workers_exit_when_their_supervisor_is_killed():
         server.proc.wait(10)
         deadline = time.monotonic() + 15
         while any(_running(p) for p in ghosts):
-            assert time.monotonic() < deadline, "workers outlived their supervisor"
+            assert time.monotonic() < deadline, f"workers outlived their supervisor: {server.log()[-1500:]}"
             time.sleep(0.2)
         with pytest.raises(httpx.ConnectError):
             httpx.get(server.url + "/livez", timeout=2)

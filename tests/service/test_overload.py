@@ -24,6 +24,7 @@ from tests.service.conftest import Server
 SECONDS = float(os.environ.get("DEEPSERVE_STRESS_SECONDS", "10"))
 CONCURRENCY = int(os.environ.get("DEEPSERVE_STRESS_CONCURRENCY", "256"))
 SEVEN = (FIXTURES / "mnist_test0_label7.png").read_bytes()
+HOLD_MS = 200
 
 
 async def flood(url: str, seconds: float, concurrency: int) -> tuple[collections.Counter, dict, bool]:
@@ -59,13 +60,10 @@ async def flood(url: str, seconds: float, concurrency: int) -> tuple[collections
 
 
 def server_side_p95(metrics: str, code: str) -> float:
-    """p95 of BentoML's request duration for one status code, from /metrics (upper bucket bound)."""
+    """p95 of deepserve's request duration for one status code, from /metrics (upper bucket bound)."""
     buckets = collections.Counter()
     for line in metrics.splitlines():
-        if (
-            line.startswith("bentoml_service_request_duration_seconds_bucket")
-            and f'http_response_code="{code}"' in line
-        ):
+        if line.startswith("deepserve_http_request_duration_seconds_bucket") and f'code="{code}"' in line:
             le = line.split('le="')[1].split('"')[0]
             buckets[float(le)] += float(line.rsplit(" ", 1)[1])
     total = buckets[float("inf")]
@@ -82,7 +80,8 @@ def tree_rss(pid: int) -> int:
 
 
 def test_overload_sheds_fast_stays_bounded_and_recovers():
-    server = Server()
+    # 32 slots (and as many waiting) for 256 clients: past that, requests are shed
+    server = Server(env={"DEEPSERVE_MAX_CONCURRENCY": "32", "DEEPSERVE_SHED_HOLD_MS": str(HOLD_MS)})
     peak, stop = [tree_rss(server.proc.pid)], threading.Event()
 
     def watch_memory():
@@ -120,6 +119,7 @@ def test_overload_sheds_fast_stays_bounded_and_recovers():
     assert retry_after, "a 503 without Retry-After"
     # server-side: the client's own latency on this 2-core machine includes its event loop and
     # the accept queue, shared with the server (printed above, recorded in docs/operations.md)
-    assert shed_p95 <= 0.25, f"shedding is not fast: p95 {shed_p95} s inside the server"
+    # a 503 is held HOLD_MS (so resending clients cannot spin), and costs nothing else
+    assert shed_p95 <= HOLD_MS / 1000 + 0.3, f"shedding is not fast: p95 {shed_p95} s inside the server"
     assert max(peak) < peak[0] + 1.5 * 2**30, "memory grew without bound"
     assert total > 0

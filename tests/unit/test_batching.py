@@ -130,3 +130,33 @@ def test_forward_concatenates_jobs_and_splits_outputs_back_in_order():
     assert [o["out"].shape[0] for o in outs] == [1, 3, 2]
     assert [float(o["out"][0, 0]) for o in outs] == [10, 30, 20]
     assert model.calls == [4, 2]  # six rows, at most four per ONNX run
+
+
+def test_slots_pass_first_come_first_served_and_give_up_after_the_hold():
+    from service.app import Slots
+
+    async def main():
+        slots = Slots(2)
+        assert await slots.acquire(0.1) and await slots.acquire(0.1)
+        order = []
+
+        async def wait(name, timeout):
+            order.append((name, await slots.acquire(timeout)))
+
+        first = asyncio.ensure_future(wait("first", 1.0))
+        second = asyncio.ensure_future(wait("second", 1.0))
+        late = asyncio.ensure_future(wait("gives up", 0.05))
+        await asyncio.sleep(0.1)
+        cancelled = asyncio.ensure_future(slots.acquire(5.0))
+        await asyncio.sleep(0.01)
+        cancelled.cancel()  # a request that timed out while waiting leaves no slot behind
+        slots.release()
+        slots.release()
+        await asyncio.gather(first, second, late)
+        assert order == [("gives up", False), ("first", True), ("second", True)]
+        assert slots.taken == 2 and not slots.waiters
+        slots.release()
+        slots.release()
+        assert slots.taken == 0
+
+    asyncio.run(main())

@@ -19,10 +19,10 @@ def test_aggregated_histograms_and_counters_equal_direct_observations():
     m = metrics.get()
     direct = prom.Histogram("direct_stage_seconds", "x", ["endpoint", "stage"], buckets=metrics.SECONDS_BUCKETS)
     for v in values:
-        direct.labels("/classify", "decode").observe(v)
-        metrics.aggregate.observe("stage", ("/classify", "decode"), v)
-    metrics.aggregate.inc("requests", ("/classify", "200"), 3)
-    before = samples(prom.REGISTRY, "deepserve_http_requests_total", endpoint="/classify", code="200")
+        direct.labels("/unit-test", "decode").observe(v)
+        metrics.aggregate.observe("stage", ("/unit-test", "decode"), v)
+    metrics.aggregate.inc("requests", ("/unit-test", "200"), 3)
+    before = samples(prom.REGISTRY, "deepserve_http_requests_total", endpoint="/unit-test", code="200")
     metrics.aggregate.flush()
     want = {
         (k[0].replace("direct_stage", "deepserve_stage"), k[1]): v
@@ -31,10 +31,10 @@ def test_aggregated_histograms_and_counters_equal_direct_observations():
     }
     got = {
         k: v
-        for k, v in samples(prom.REGISTRY, "deepserve_stage_seconds", endpoint="/classify", stage="decode").items()
+        for k, v in samples(prom.REGISTRY, "deepserve_stage_seconds", endpoint="/unit-test", stage="decode").items()
         if not k[0].endswith("_created")
     }
     assert got == want
-    after = samples(prom.REGISTRY, "deepserve_http_requests_total", endpoint="/classify", code="200")
+    after = samples(prom.REGISTRY, "deepserve_http_requests_total", endpoint="/unit-test", code="200")
     assert after[("deepserve_http_requests_total", None)] - before.get(("deepserve_http_requests_total", None), 0) == 3
     assert m is metrics.get()
