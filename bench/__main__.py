@@ -81,6 +81,42 @@ def in_process(seconds: float = 0.5) -> dict[str, dict]:
     return out
 
 
+AB = {  # small effects, measured by alternating the two servers: drift between minutes hits both
+    "server-timing": ("deepserve", "deepserve-notiming", ["classify-image", "classify-text"]),
+    "trust": ("deepserve", "deepserve", ["classify-image", "classify-image-previous"]),
+}
+
+
+def interleaved(rounds: int, seconds: float = 8, connections: int = 32) -> dict:
+    """Medians of `rounds` alternating runs per comparison: {name: {endpoint: {kind: rps}}}."""
+    import statistics
+
+    if rounds <= 0:
+        return {}
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        bodies = payloads(Path(tmp))
+        for name, (a, b, eps) in AB.items():
+            runs: dict = {}
+            for r in range(rounds):
+                for kind in dict.fromkeys((a, b)):
+                    port = free_port()
+                    proc = start(kind, port, Path(tmp) / f"ab-{kind}-{r}.log")
+                    url = f"http://127.0.0.1:{port}"
+                    try:
+                        for ep in eps:
+                            check(url, bodies[ep])
+                            wrk(url, bodies[ep], 8, 2)
+                            time.sleep(1)
+                            rps = wrk(url, bodies[ep], connections, seconds)["rps"]
+                            runs.setdefault(f"{kind}:{ep}", []).append(rps)
+                            print(f"A/B {name} round {r + 1}/{rounds} {kind} {ep}: {rps:.0f} req/s", flush=True)
+                    finally:
+                        stop(proc)
+            out[name] = {k: round(statistics.median(v), 1) for k, v in runs.items()}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--seconds", type=float, default=8, help="wrk duration per point")
@@ -90,13 +126,24 @@ def main(argv: list[str] | None = None) -> int:
         "--out", default=str(REPO / "docs" / "benchmarks.json"), help="raw results (committed beside the report)"
     )
     p.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
+    p.add_argument("--ab-rounds", type=int, default=3, help="rounds of each interleaved A/B comparison (0: none)")
     p.add_argument(
         "--in-process-seconds", type=float, default=0.5, help="time per batch size for the in-process ceiling"
     )
+    p.add_argument("--ab-only", action="store_true", help="rerun only the interleaved A/B into the existing results")
     args = p.parse_args(argv)
     if shutil.which("wrk") is None:
         print("wrk is not installed: `make tools` (Debian's wrk package)", file=sys.stderr)
         return 2
+    if args.ab_only:
+        results = json.loads(Path(args.out).read_text())
+        results["ab"] = interleaved(args.ab_rounds)
+        Path(args.out).write_text(json.dumps(results, indent=2))
+        if not args.no_docs:
+            from bench.report import write_report
+
+            write_report(results, args)
+        return 0
     results: dict = {"servers": {}, "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
     with tempfile.TemporaryDirectory() as tmp:
         bodies = payloads(Path(tmp))
@@ -124,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 stop(proc)
     results["in_process"] = in_process(args.in_process_seconds)
+    results["ab"] = interleaved(args.ab_rounds)
     results["machine"] = machine()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))

@@ -154,6 +154,10 @@ class Request:
             return given
         return self.trace[1] if self.trace else new_id()
 
+    def hung_up(self) -> bool:
+        """True once the client's connection is closed (as far as the server can tell)."""
+        return self._alive is not None and not self._alive()
+
     def alive(self) -> bool:
         """False once the client has hung up (or the request was given up)."""
         if self.cancelled.is_set():
@@ -444,28 +448,43 @@ class App:
                 return await (route.handler(req, **params) if params else route.handler(req))
             return await self.model_work(req, route, params)
         except ApiError as exc:
-            metrics.reject(req.endpoint, exc.reason)
-            headers = {"Allow": exc.extra.pop("allow")} if "allow" in exc.extra else None
             if exc.status in (429, 503) and not getattr(exc, "held", False):
                 await self.hold()
+            if self.gone(req, exc.reason):
+                return None
+            headers = {"Allow": exc.extra.pop("allow")} if "allow" in exc.extra else None
             return self.error(req, exc.status, exc.message, headers, **exc.extra)
         except ClientGone:
             metrics.reject(req.endpoint, "client_closed")
             return None
         except Overloaded as exc:
-            metrics.reject(req.endpoint, "overloaded")
             await self.hold()
+            if self.gone(req, "overloaded"):
+                return None
             return self.error(req, 503, f"{exc}; retry shortly")
         except TimeoutError:
-            metrics.reject(req.endpoint, "timeout")
+            if self.gone(req, "timeout"):
+                return None
             return self.error(req, 504, f"the request did not finish within {self.settings.request_timeout_s:g} s")
         except NotServed as exc:
-            metrics.reject(req.endpoint, "not_served")
+            if self.gone(req, "not_served"):
+                return None
             return self.error(req, 404, str(exc))
         except Exception:
             log.exception("unexpected error in %s", req.endpoint)
             metrics.reject(req.endpoint, "internal")
             return self.error(req, 500, "internal error; the server log has the details")
+
+    @staticmethod
+    def gone(req: Request, reason: str) -> bool:
+        """Count a rejection; True when its client has already hung up. An error nobody will
+        read (shed, timed out, ... after the client left) is counted as client_closed (499)
+        and is never a 5xx: the outcome was the hang-up."""
+        if req.hung_up():
+            metrics.reject(req.endpoint, "client_closed")
+            return True
+        metrics.reject(req.endpoint, reason)
+        return False
 
     async def model_work(self, req: Request, route: Route, params: dict | None) -> Response:
         core, s = self.core, self.settings

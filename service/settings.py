@@ -36,7 +36,7 @@ class Settings(BaseSettings):
     )
     request_timeout_s: float = Field(30.0, gt=0, le=600, description="a request still running after this gets 504")
     max_concurrency: int = Field(
-        128, ge=1, le=100000, description="model requests in flight per worker; more are answered 503 at once"
+        128, ge=1, le=100000, description="model requests in flight per worker; past it a request waits up to SHED_HOLD_MS for a slot, then 503"
     )
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
     max_image_pixels: int = Field(
@@ -75,7 +75,7 @@ class Settings(BaseSettings):
         200,
         ge=0,
         le=5000,
-        description="overload 503s are held this long before they are sent, so clients that retry at once cannot spin",
+        description="at capacity, how long a request waits for a slot (first come, first served) and an overload 503 is held: clients that retry at once cannot spin",
     )
     max_images: int = Field(64, ge=1, le=1024, description="most images in one /classify request")
     max_texts: int = Field(64, ge=1, le=1024, description="most texts in one /classify request")

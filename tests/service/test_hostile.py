@@ -241,6 +241,46 @@ def test_clients_that_hang_up_cost_no_5xx_no_traceback_and_no_model_work(server)
     assert rows < 64 * 64 + 64 * 3 * 12  # 64 requests of 64 rows (plus warm-up) would be at least this
 
 
+def test_every_5xx_counted_reached_a_client_and_hang_ups_while_shed_are_client_closed():
+    """At capacity, requests wait for a slot and are shed (503) after a hold; those whose
+    clients gave up meanwhile are counted as client_closed. The invariant: the server's 5xx
+    count is exactly the 5xx its clients received, whichever path shed them."""
+    server = Server(env={"DEEPSERVE_MAX_CONCURRENCY": "2", "DEEPSERVE_SHED_HOLD_MS": "300"})
+    try:
+        received: list[int] = []
+
+        def client(i: int) -> None:
+            impatient = i % 4 != 0  # three in four give up after 50 ms
+            try:
+                r = httpx.post(server.url + "/generate", json={"n": 64, "seed": i}, timeout=0.05 if impatient else 60)
+                received.append(r.status_code)
+            except httpx.TimeoutException:
+                pass
+
+        for _ in range(2):
+            with concurrent.futures.ThreadPoolExecutor(32) as pool:
+                list(pool.map(client, range(32)))
+        time.sleep(1)  # past the hold: every shed request has been answered or found gone
+        lines = scrape_lines(server.url)
+        counted = {}
+        for line in lines:
+            m = re.match(r'deepserve_http_requests_total\{code="(\d+)",endpoint="/generate"\} ([\d.]+)', line)
+            if m:
+                counted[int(m.group(1))] = counted.get(int(m.group(1)), 0) + int(float(m.group(2)))
+        got_5xx = sum(1 for c in received if c >= 500)
+        assert got_5xx >= 1, (received, counted)  # the shed path ran for clients still there
+        assert sum(n for c, n in counted.items() if c >= 500) == got_5xx, (received, counted)
+        closed = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in lines
+            if line.startswith("deepserve_rejected_requests_total") and "client_closed" in line
+        )
+        assert closed >= 1, [line for line in lines if "rejected" in line]
+        assert "Traceback" not in server.log()
+    finally:
+        server.stop()
+
+
 def test_random_paths_do_not_grow_the_metrics(server):
     rng = random.Random(0)
 
