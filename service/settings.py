@@ -36,7 +36,10 @@ class Settings(BaseSettings):
     )
     request_timeout_s: float = Field(30.0, gt=0, le=600, description="a request still running after this gets 504")
     max_concurrency: int = Field(
-        128, ge=1, le=100000, description="model requests in flight per worker; past it a request waits up to SHED_HOLD_MS for a slot, then 503"
+        128,
+        ge=1,
+        le=100000,
+        description="model requests in flight per worker; past it a request waits up to SHED_HOLD_MS for a slot, then 503",
     )
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
     max_image_pixels: int = Field(
