@@ -99,7 +99,7 @@ def interleaved(rounds: int, seconds: float = 8, connections: int = 32) -> dict:
         for name, (a, b, eps) in AB.items():
             runs: dict = {}
             for r in range(rounds):
-                for kind in dict.fromkeys((a, b)):
+                for kind in dict.fromkeys((a, b) if r % 2 == 0 else (b, a)):  # ABBA: order effects cancel
                     port = free_port()
                     proc = start(kind, port, Path(tmp) / f"ab-{kind}-{r}.log")
                     url = f"http://127.0.0.1:{port}"
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         "--out", default=str(REPO / "docs" / "benchmarks.json"), help="raw results (committed beside the report)"
     )
     p.add_argument("--no-docs", action="store_true", help="do not rewrite docs/benchmarks.md")
-    p.add_argument("--ab-rounds", type=int, default=3, help="rounds of each interleaved A/B comparison (0: none)")
+    p.add_argument("--ab-rounds", type=int, default=4, help="rounds of each interleaved A/B comparison (0: none)")
     p.add_argument(
         "--in-process-seconds", type=float, default=0.5, help="time per batch size for the in-process ceiling"
     )

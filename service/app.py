@@ -292,6 +292,11 @@ def _decode_all(req: Request, uploads: list[images.Upload], invert: str) -> list
     return out
 
 
+def _expire(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(False)
+
+
 class Slots:
     """A counting semaphore whose waiters are served first come, first served, and give up
     after a timeout; a released slot passes straight to the oldest waiter."""
@@ -304,17 +309,22 @@ class Slots:
         if self.taken < self.n and not self.waiters:
             self.taken += 1
             return True
-        fut = asyncio.get_running_loop().create_future()
+        if timeout <= 0:
+            return False
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()  # result: True = release() handed it a slot, False = timed out
         self.waiters.append(fut)
+        timer = loop.call_later(timeout, _expire, fut)  # cheaper than asyncio.wait per waiter
         try:
-            if timeout > 0:
-                await asyncio.wait([fut], timeout=timeout)
+            got = await fut
         except BaseException:  # the request was cancelled while it waited
-            if fut.done() and not fut.cancelled():
+            timer.cancel()
+            if fut.done() and not fut.cancelled() and fut.result():
                 self.release()  # a slot had just been handed to it: pass it on
             self._forget(fut)
             raise
-        if fut.done() and not fut.cancelled():
+        timer.cancel()
+        if got:
             return True  # release() handed this request its slot (taken stays counted)
         self._forget(fut)
         return False
@@ -328,7 +338,7 @@ class Slots:
         while self.waiters:
             fut = self.waiters.popleft()
             if not fut.done():
-                fut.set_result(None)  # the slot moves to this waiter: taken is unchanged
+                fut.set_result(True)  # the slot moves to this waiter: taken is unchanged
                 return
         self.taken -= 1
 
@@ -589,8 +599,7 @@ class App:
         agg.inc("requests", (req.endpoint, code))
         agg.observe("duration", (req.endpoint, code), total)
         if req.timings and status < 400 and self.settings.server_timing:
-            for stage, seconds in req.timings.items():
-                agg.observe("stage", (req.endpoint, stage), seconds)
+            agg.stages(req.endpoint, req.timings)
         if self._flusher is None:
             self._flusher = asyncio.get_running_loop().call_later(FLUSH_S, self._flush)
         if self.settings.access_log:

@@ -140,6 +140,12 @@ class Aggregator:
         self.lock = threading.Lock()
         self.counters: dict[tuple, float] = defaultdict(float)
         self.histograms: dict[tuple, list] = {}
+        self.pending: list[tuple[str, dict]] = []  # (endpoint, Server-Timing stages), bucketed at flush
+
+    def stages(self, endpoint: str, timings: dict[str, float]) -> None:
+        """A request's stage timings, kept as they are until the flush (one append per request:
+        bucketing six stages per request cost ~2.5% of /classify text)."""
+        self.pending.append((endpoint, timings))
 
     def inc(self, metric: str, labels: tuple, n: float = 1.0) -> None:
         with self.lock:
@@ -156,6 +162,10 @@ class Aggregator:
             h[1][i] += 1
 
     def flush(self) -> None:
+        pending, self.pending = self.pending, []
+        for endpoint, timings in pending:
+            for stage, seconds in timings.items():
+                self.observe("stage", (endpoint, stage), seconds)
         with self.lock:
             counters, histograms = self.counters, self.histograms
             self.counters, self.histograms = defaultdict(float), {}

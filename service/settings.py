@@ -75,7 +75,7 @@ class Settings(BaseSettings):
         description="after the drain, how long uvicorn waits for the last connections before closing them",
     )
     shed_hold_ms: int = Field(
-        200,
+        500,
         ge=0,
         le=5000,
         description="at capacity, how long a request waits for a slot (first come, first served) and an overload 503 is held: clients that retry at once cannot spin",

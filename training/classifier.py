@@ -137,19 +137,15 @@ def train(cfg: Config, family: str) -> common.Trained:
         },
         extra={"labels": labels_out},
     )
-    training_meta = {
-        "command": common.training_command(family, cfg),
-        "seed": cfg.seed,
-        "epochs": epochs,
-        "best_val_acc": best[0],
-        "seconds": round(progress.seconds, 1),
-        "date": common.today(),
-        "config": vars(cfg) | {"data_dir": ""},
-        "dataset": {
-            "name": "MNIST" if cfg.dataset == "mnist" else "Fashion-MNIST",
-            "files": data.dataset_checksums(data.IMAGE_DATASETS[cfg.dataset]),
-        },
-    }
+    training_meta = common.training_meta(
+        family,
+        cfg,
+        epochs,
+        progress.seconds,
+        "MNIST" if cfg.dataset == "mnist" else "Fashion-MNIST",
+        data.dataset_checksums(data.IMAGE_DATASETS[cfg.dataset]),
+        best={"best_val_acc": best[0]},
+    )
     return common.Trained([(model, spec)], training_meta, progress.history)
 
 

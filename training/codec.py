@@ -133,16 +133,9 @@ def train(cfg: Config, family: str) -> common.Trained:
         "bytes": pp.code_bytes(cfg.latent_dim, cfg.bits),
         "packing": "service.preprocessing.pack_codes (big-endian bit planes)",
     }
-    training_meta = {
-        "command": common.training_command(family, cfg),
-        "seed": cfg.seed,
-        "epochs": epochs,
-        "best_val_psnr": best[0],
-        "seconds": round(progress.seconds, 1),
-        "date": common.today(),
-        "config": vars(cfg) | {"data_dir": ""},
-        "dataset": {"name": "MNIST", "files": data.dataset_checksums("mnist")},
-    }
+    training_meta = common.training_meta(
+        family, cfg, epochs, progress.seconds, "MNIST", data.dataset_checksums("mnist"), best={"best_val_psnr": best[0]}
+    )
     image_pre = {"kind": "image", "size": pp.IMAGE_SIZE, "scale": "pixels/255", "invert": "none"}
     enc_spec = ExportSpec(
         name="encoder",

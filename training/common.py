@@ -83,6 +83,20 @@ def training_command(family: str, cfg) -> str:
     return command_for(family, cfg)
 
 
+def training_meta(family: str, cfg, epochs: int, seconds: float, dataset: str, files: dict, best: dict | None = None):
+    """The `training` block of a model's metadata: how to reproduce the run, what it read."""
+    return {
+        "command": training_command(family, cfg),
+        "seed": cfg.seed,
+        "epochs": epochs,
+        **(best or {}),
+        "seconds": round(seconds, 1),
+        "date": today(),
+        "config": vars(cfg) | {"data_dir": ""},
+        "dataset": {"name": dataset, "files": files},
+    }
+
+
 @dataclass
 class Trained:
     """What a family's `train` hands back: the modules to export with their specs, the

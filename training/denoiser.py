@@ -103,16 +103,15 @@ def train(cfg: Config, family: str) -> common.Trained:
     common.save_checkpoint(common.RUNS / family / "model.pt", model, cfg)
     test_images, _ = data.load_images("mnist", "test", data_dir, cfg.download)
     x_test = pp.add_gaussian_noise(pp.scale_pixels(test_images[:64])[:, None], 0.4, np.random.default_rng(0))
-    training_meta = {
-        "command": common.training_command(family, cfg),
-        "seed": cfg.seed,
-        "epochs": epochs,
-        "best_val_psnr_sigma_0.3": best[0],
-        "seconds": round(progress.seconds, 1),
-        "date": common.today(),
-        "config": vars(cfg) | {"data_dir": ""},
-        "dataset": {"name": "MNIST + synthetic Gaussian noise", "files": data.dataset_checksums("mnist")},
-    }
+    training_meta = common.training_meta(
+        family,
+        cfg,
+        epochs,
+        progress.seconds,
+        "MNIST + synthetic Gaussian noise",
+        data.dataset_checksums("mnist"),
+        best={"best_val_psnr_sigma_0.3": best[0]},
+    )
     spec = ExportSpec(
         name=family,
         task="image-denoising",

@@ -148,13 +148,7 @@ def train(cfg: Config, family: str) -> common.Trained:
         },
         extra={"labels": data.DIGIT_LABELS},
     )
-    training_meta = {
-        "command": common.training_command(family, cfg),
-        "seed": cfg.seed,
-        "epochs": epochs,
-        "seconds": round(progress.seconds, 1),
-        "date": common.today(),
-        "config": vars(cfg) | {"data_dir": ""},
-        "dataset": {"name": "MNIST (train)", "files": data.dataset_checksums("mnist")},
-    }
+    training_meta = common.training_meta(
+        family, cfg, epochs, progress.seconds, "MNIST (train)", data.dataset_checksums("mnist")
+    )
     return common.Trained([(G, spec)], training_meta, progress.history)

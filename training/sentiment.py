@@ -172,17 +172,13 @@ def train(cfg: Config, family: str) -> common.Trained:
         },
         extra={"labels": LABELS, "vocabulary": vocab},
     )
-    training_meta = {
-        "command": common.training_command(family, cfg),
-        "seed": cfg.seed,
-        "epochs": epochs,
-        "best_val_acc": best[0],
-        "seconds": round(progress.seconds, 1),
-        "date": common.today(),
-        "config": vars(cfg) | {"data_dir": ""},
-        "dataset": {
-            "name": "GLUE SST-2 (train; dev is the reported test set)",
-            "files": data.dataset_checksums("sst2"),
-        },
-    }
+    training_meta = common.training_meta(
+        family,
+        cfg,
+        epochs,
+        progress.seconds,
+        "GLUE SST-2 (train; dev is the reported test set)",
+        data.dataset_checksums("sst2"),
+        best={"best_val_acc": best[0]},
+    )
     return common.Trained([(model, spec)], training_meta, progress.history)

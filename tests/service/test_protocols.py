@@ -13,16 +13,8 @@ from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from tests.conftest import FIXTURES, active_meta, manifest, png
-from tests.service.conftest import Server
 
 SEVEN = FIXTURES / "mnist_test0_label7.png"
-
-
-@pytest.fixture(scope="module")
-def server():
-    s = Server()
-    yield s
-    s.stop()
 
 
 @pytest.fixture(scope="module")

@@ -18,9 +18,12 @@ def test_aggregated_histograms_and_counters_equal_direct_observations():
     values = [0.0001, 0.0003, 0.0021, 0.0021, 0.05, 0.3, 7.0, 100.0]
     m = metrics.get()
     direct = prom.Histogram("direct_stage_seconds", "x", ["endpoint", "stage"], buckets=metrics.SECONDS_BUCKETS)
-    for v in values:
+    for i, v in enumerate(values):
         direct.labels("/unit-test", "decode").observe(v)
-        metrics.aggregate.observe("stage", ("/unit-test", "decode"), v)
+        if i % 2:  # a request's Server-Timing stages, bucketed only at the flush
+            metrics.aggregate.stages("/unit-test", {"decode": v})
+        else:
+            metrics.aggregate.observe("stage", ("/unit-test", "decode"), v)
     metrics.aggregate.inc("requests", ("/unit-test", "200"), 3)
     before = samples(prom.REGISTRY, "deepserve_http_requests_total", endpoint="/unit-test", code="200")
     metrics.aggregate.flush()
