@@ -72,11 +72,16 @@ class Batcher:
         enabled: bool = True,
         max_batch_size: int = 64,
         max_latency_ms: float = 2000,
+        max_batch_rows: int = 0,
         on_batch: Callable[[str, int, int, float], None] | None = None,
     ):
         self.name, self.fn, self.executor = name, fn, executor
         self.max_batch_size = max_batch_size if enabled else 1
         self.max_latency_s = max_latency_ms / 1000
+        # a batch stops taking requests at this many rows (0: no cap); one larger request runs
+        # alone. Merging more only to split it again makes every request in it wait for all of
+        # it, and answers come in lumps
+        self.max_batch_rows = max_batch_rows
         self.on_batch = on_batch  # (name, requests, rows, seconds), from the batch thread
         self.cost = CostModel()
         self.queue: collections.deque[_Pending] = collections.deque()
@@ -88,6 +93,8 @@ class Batcher:
     def predicted_wait(self, rows: int) -> float:
         """Seconds a request of `rows` rows would wait and run if it arrived now."""
         batches_ahead = -(-len(self.queue) // self.max_batch_size) + 1
+        if self.max_batch_rows:
+            batches_ahead = max(batches_ahead, -(-self.queued_rows // self.max_batch_rows) + 1)
         running = max(self.running_until - time.monotonic(), 0.0)
         return running + self.cost.seconds(self.queued_rows + rows, batches_ahead)
 
@@ -116,8 +123,12 @@ class Batcher:
                 self._wake.clear()
                 await self._wake.wait()
             batch: list[_Pending] = []
+            taken = 0
             while self.queue and len(batch) < self.max_batch_size:
-                p = self.queue.popleft()
+                p = self.queue[0]
+                if batch and self.max_batch_rows and taken + p.rows > self.max_batch_rows:
+                    break  # it starts the next batch
+                self.queue.popleft()
                 self.queued_rows -= p.rows
                 if p.future.done():  # cancelled: timed out or failed while queued
                     continue
@@ -125,6 +136,7 @@ class Batcher:
                     p.future.set_exception(ClientGone())
                     continue
                 batch.append(p)
+                taken += p.rows
             if not batch:
                 continue
             rows = sum(p.rows for p in batch)

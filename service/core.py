@@ -214,6 +214,7 @@ class Core:
                 enabled=s.batching,
                 max_batch_size=s.max_batch_size,
                 max_latency_ms=s.max_latency_ms,
+                max_batch_rows=s.max_batch_rows,
                 on_batch=metrics.observe_requests,
             )
         return loaded

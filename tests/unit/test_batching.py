@@ -37,6 +37,29 @@ def test_concurrent_requests_are_merged_into_batches():
     assert max(sizes) > 1 and sum(sizes) == 200 and max(sizes) <= 64
 
 
+def test_a_batch_stops_at_max_batch_rows_and_a_bigger_request_runs_alone():
+    batches = []
+
+    def fn(items):
+        time.sleep(0.002)
+        batches.append(list(items))
+        return items
+
+    rows = [64] * 40 + [700] + [3] * 50  # requests of 64 rows, one of 700, small ones
+
+    async def main():
+        b = _batcher(fn, max_batch_rows=512)
+        out = await asyncio.gather(*(b.submit(r, r) for r in rows))
+        b.shutdown()
+        return out
+
+    assert asyncio.run(main()) == rows
+    assert [700] in batches  # a request over the cap is not split across batches nor merged
+    for batch in batches:
+        assert len(batch) == 1 or sum(batch) <= 512, batch
+    assert max(len(b) for b in batches) > 8  # the small requests were still merged
+
+
 def test_batching_off_runs_each_request_alone():
     sizes = []
 
