@@ -32,7 +32,10 @@ class Settings(BaseSettings):
         2000, ge=10, le=60000, description="batcher sheds (503) requests it predicts will wait longer"
     )
     max_batch_rows: int = Field(
-        512, ge=1, le=8192, description="most rows (images, texts) per batch and per ONNX run; a larger single request is split"
+        512,
+        ge=1,
+        le=8192,
+        description="most rows (images, texts) per batch and per ONNX run; a larger single request is split",
     )
     request_timeout_s: float = Field(30.0, gt=0, le=600, description="a request still running after this gets 504")
     max_concurrency: int = Field(
