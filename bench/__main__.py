@@ -171,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 stop(proc)
     results["in_process"] = in_process(args.in_process_seconds)
-    results["ab"] = interleaved(args.ab_rounds)
+    # the A/B pairs compare deepserve with itself: only when deepserve is being measured
+    results["ab"] = interleaved(args.ab_rounds) if "deepserve" in args.only else {}
     results["machine"] = machine()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
