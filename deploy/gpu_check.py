@@ -400,13 +400,14 @@ def install(venv: Path, packages: list[str], python_version: str, fresh: bool) -
 def venv_facts(venv: Path) -> dict:
     """Asked of the venv's own python: site-packages, distributions, onnxruntime's preload list."""
     code = r"""
-import json, sys, sysconfig
+import json, re, sys, sysconfig
 from importlib.metadata import distributions
 site = sysconfig.get_paths()["purelib"]
 dists = {}
 for d in distributions():
     files = [str(f) for f in (d.files or [])]
-    dists[d.metadata["Name"].lower()] = {"version": d.version, "files": files,
+    name = re.sub(r"[-_.]+", "-", d.metadata["Name"]).lower()  # PEP 503, as the pins are read
+    dists[name] = {"version": d.version, "files": files,
                                          "requires": d.metadata.get_all("Requires-Dist") or []}
 out = {"site": site, "python": "%d.%d" % sys.version_info[:2], "dists": dists}
 try:

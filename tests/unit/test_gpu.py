@@ -238,3 +238,15 @@ def test_the_gpu_deployment_keeps_the_image_library_path():
     env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert "LD_LIBRARY_PATH" not in env  # the image's points at its wheels
     assert "compute" in env["NVIDIA_DRIVER_CAPABILITIES"].split(",")
+
+
+def test_gpu_check_names_distributions_as_pins_do():
+    """A bentofile pin (`prometheus-client==…`) must find its distribution whatever spelling
+    the distribution's metadata uses (`prometheus_client`): PEP 503 names on both sides."""
+    import sys
+    from importlib.metadata import version
+
+    gc = load_gpu_check()
+    facts = gc.venv_facts(Path(sys.prefix))
+    assert facts["dists"]["prometheus-client"]["version"] == version("prometheus_client")
+    assert all(name == name.lower() and "_" not in name and "." not in name for name in facts["dists"])
