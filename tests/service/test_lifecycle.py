@@ -4,6 +4,7 @@ killed with SIGKILL is replaced while the server keeps answering."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import signal
 import threading
 import time
@@ -177,3 +178,33 @@ def _running(p: psutil.Process) -> bool:
         return p.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+@pytest.mark.parametrize("delay", [0.4, 0.7])
+def test_a_connection_opened_as_the_drain_starts_still_gets_its_answer(delay):
+    """A client that has just (re)connected, as a pooled client does after `Connection:
+    close`, and writes its request a moment later: the drain must not close the connection
+    under it (uvicorn closes connections with no request parsed yet when it shuts down)."""
+    import socket
+
+    server = Server()
+    try:
+        sock = socket.create_connection(("127.0.0.1", server.port))
+        time.sleep(0.2)  # accepted by the worker, nothing sent yet
+        server.proc.send_signal(signal.SIGTERM)
+        time.sleep(delay)  # the drain is under way; the old rule closed the socket after 0.1 s quiet
+        sock.sendall(b"GET /models HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.settimeout(10)
+        answer = b""
+        with contextlib.suppress(ConnectionResetError):
+            while b"\r\n\r\n" not in answer:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                answer += chunk
+        sock.close()
+        assert answer.startswith(b"HTTP/1.1 200"), answer
+        assert b"connection: close" in answer.lower(), answer
+        assert server.proc.wait(timeout=60) == 0
+    finally:
+        server.stop()
