@@ -31,23 +31,284 @@ def normalize(images: np.ndarray, mean: float, std: float) -> np.ndarray:
     return ((images - np.float32(mean)) / np.float32(std)).astype(np.float32)
 
 
-def to_grey_square(img: Image.Image, invert: str = "none") -> np.ndarray:
-    """A decoded image -> float32 (28, 28) in [0, 1], MNIST-style.
+FRAMINGS = ("none", "digit", "garment")  # how an upload becomes the model's 28×28 input (README)
+WORK_SIDE = 256  # framing looks at the upload shrunk to at most this many pixels a side
+DIGIT_BOX = 20  # MNIST: the ink's longer side is scaled to 20 px, its centre of mass put at the centre
 
-    The rule (every image endpoint): apply EXIF orientation, composite alpha over white,
-    convert to 8-bit grey, optionally invert so the subject is light on dark (`invert` is
-    "none", "always" or "auto": auto inverts when the border is brighter than 127.5, i.e. a
-    dark digit on light paper), scale the longer side to 28 (area averaging when shrinking,
-    bilinear when enlarging) and centre it on a 28×28 canvas of the border's median colour.
-    Memory stays proportional to the image's own pixels: padding to a square happens on the
-    28×28 canvas, after the resize, so a 62,500×256 strip never becomes 62,500² pixels.
+
+def to_grey_square(img: Image.Image, invert: str = "none", framing: str = "none", keep_native: bool = False):
+    """A decoded image -> float32 (28, 28) in [0, 1], light subject on dark, as the model was trained.
+
+    framing "none" (the rule of models exported before framing): EXIF orientation, alpha over
+    white, 8-bit grey, optional inversion (`invert` "none" | "always" | "auto": auto inverts
+    when the border is brighter than 127.5), the whole picture's longer side scaled to 28 and
+    centred on the border's median colour.
+    framing "digit" (the MNIST recipe, `frame_digit`) and "garment" (the Fashion-MNIST recipe,
+    `frame_garment`) find the subject first and frame it the way the training set was made.
+    A 28×28 upload is the models' own format and passes through the "none" rule unchanged
+    when `keep_native` is set or it already looks framed (`looks_framed`); a picture with no
+    subject (a blank page) is never framed into one: it takes the "none" rule and stays blank.
+    Memory stays proportional to the image's own pixels: every working copy is at most the
+    decoded image (shrunk to WORK_SIDE before framing), padding happens on the 28×28 canvas.
     """
     img = ImageOps.exif_transpose(img) or img
     grey = _grey(img)  # (H, W) uint8
+    if framing != "none" and not (grey.shape == (IMAGE_SIZE, IMAGE_SIZE) and (keep_native or looks_framed(grey))):
+        framed = frame_digit(grey) if framing == "digit" else frame_garment(grey)
+        if framed is not None:
+            return framed
     border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
     if invert == "always" or (invert == "auto" and float(border.mean()) > 127.5):
         grey, border = 255 - grey, 255 - border
     return scale_pixels(fit_square(grey, int(np.median(border))))
+
+
+def looks_framed(grey: np.ndarray) -> bool:
+    """A 28×28 upload whose subject already sits MNIST-style: uniform border, ink inside 22 px."""
+    border = np.concatenate([grey[:3].ravel(), grey[-3:].ravel(), grey[:, :3].ravel(), grey[:, -3:].ravel()])
+    bg = int(np.median(border))
+    ink = np.abs(grey.astype(np.int16) - bg) > 64
+    if not ink.any():
+        return True  # nothing to frame: blank stays blank
+    rows, cols = np.flatnonzero(ink.any(1)), np.flatnonzero(ink.any(0))
+    return rows[-1] - rows[0] < 23 and cols[-1] - cols[0] < 23 and rows[0] >= 2 and cols[0] >= 2
+
+
+def shrink(grey: np.ndarray, side: int = WORK_SIDE) -> np.ndarray:
+    """(H, W) uint8 -> at most `side` pixels a side, area-averaged; never larger than the input."""
+    h, w = grey.shape
+    longest = max(h, w)
+    if longest <= side:
+        return grey
+    src = Image.fromarray(grey)
+    if longest >= 2 * side:
+        src = src.reduce(longest // side)
+    if max(src.size) > side:
+        f = side / max(src.size)
+        src = src.resize((max(1, round(src.size[0] * f)), max(1, round(src.size[1] * f))), Image.Resampling.BOX)
+    return np.asarray(src, dtype=np.uint8)
+
+
+def _blocks(x: np.ndarray, k: int, op) -> np.ndarray:
+    """(h, w) -> (ceil(h/k), ceil(w/k)) reduced by `op` (np.min, np.max, np.mean) over k×k blocks;
+    edge blocks are padded with their own edge values."""
+    h, w = x.shape
+    ph, pw = -h % k, -w % k
+    if ph or pw:
+        x = np.pad(x, ((0, ph), (0, pw)), mode="edge")
+    return op(x.reshape(x.shape[0] // k, k, x.shape[1] // k, k), axis=(1, 3))
+
+
+def _spread(x: np.ndarray, op, steps: int = 1) -> np.ndarray:
+    """3×3 grey dilation (np.maximum) or erosion (np.minimum), `steps` times, same shape."""
+    for _ in range(steps):
+        p = np.pad(x, 1, mode="edge")
+        r = op(op(p[:-2], p[1:-1]), p[2:])  # rows
+        x = op(op(r[:, :-2], r[:, 1:-1]), r[:, 2:])
+    return x
+
+
+def _upsample(x: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A small float map -> (h, w) float32, bilinear."""
+    h, w = shape
+    return np.asarray(Image.fromarray(x.astype(np.float32), mode="F").resize((w, h), Image.Resampling.BILINEAR))
+
+
+def otsu(values: np.ndarray, bins: int = 64) -> float:
+    """Otsu's threshold of values in [0, 1]: the cut that best separates two classes."""
+    hist = np.histogram(values, bins=bins, range=(0.0, 1.0))[0].astype(np.float64)
+    centres = (np.arange(bins) + 0.5) / bins
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centres) / np.maximum(w0, 1)
+    m1 = (np.sum(hist * centres) - np.cumsum(hist * centres)) / np.maximum(w1, 1)
+    return float(centres[int(np.argmax(w0 * w1 * (m0 - m1) ** 2))] + 0.5 / bins)
+
+
+def _ink_is_dark(g: np.ndarray) -> bool:
+    """Ink is the minority: of the two classes Otsu's threshold separates, the smaller one is
+    the ink (a photo's dark table joins the dark class, so a page mostly in view keeps dark
+    ink). Too close to call (a tiny scan full of ink): the border's colour is the paper."""
+    dark_share = float(np.mean(g < otsu(g)))
+    if abs(dark_share - 0.5) > 0.1:
+        return dark_share < 0.5
+    border = np.concatenate([g[0], g[-1], g[:, 0], g[:, -1]])
+    return float(np.median(border)) > 0.5
+
+
+def _paper_level(x: np.ndarray) -> tuple[np.ndarray, float]:
+    """(coarse means of x, paper level): paper is the most common level (the histogram's mode)."""
+    coarse = _blocks(x, max(1, max(x.shape) // 64), np.mean)
+    hist = np.histogram(coarse, bins=16, range=(0.0, 1.0))[0]
+    return coarse, (int(np.argmax(hist)) + 0.5) / 16
+
+
+def ink_map(grey: np.ndarray) -> np.ndarray:
+    """(h, w) uint8 -> float32 ink contrast in [0, 1] (1: full ink), independent of the lighting.
+
+    Ink is made light-on-dark, the paper's level is estimated per region (the local minimum
+    over blocks of 1/8 of the picture, spread to neighbouring blocks so a thick stroke never
+    counts as paper) and the contrast is taken relative to the light that falls there:
+    (x - paper) / (1 - paper). Shadows and uneven light scale paper and ink alike and cancel.
+    What lies off the paper (a photo's table or frame: dark regions that reach the picture's
+    edge) is not ink, unless removing it would remove nearly all of the ink (a digit drawn
+    to the edge of a canvas).
+    """
+    g = grey.astype(np.float32) / 255.0
+    x = 1.0 - g if _ink_is_dark(g) else g
+    k = max(2, max(x.shape) // 8)
+    blurred = _box3(x) / 9.0 if min(x.shape) >= 3 else x  # the minimum of noise is biased: blur first
+    paper = _upsample(_spread(_blocks(blurred, k, np.min), np.minimum), x.shape)
+    ink = np.clip((x - paper) / np.maximum(1.0 - paper, 0.05), 0.0, 1.0)
+    xc, xp = _paper_level(x)
+    off = _from_border(xc > xp + 0.5 * (1.0 - xp))
+    if off.any():
+        c = max(1, max(x.shape) // 64)
+        off = np.repeat(np.repeat(_spread(off, np.maximum), c, 0), c, 1)[: x.shape[0], : x.shape[1]]
+        kept = np.where(off, 0.0, ink)
+        if kept.sum() >= 0.15 * ink.sum():
+            ink = kept
+    return ink
+
+
+def _component(mask: np.ndarray, seed: tuple[int, int], limit: int = 256) -> np.ndarray:
+    """The 8-connected part of `mask` that contains `seed` (bounded geodesic dilation)."""
+    reached = np.zeros_like(mask)
+    reached[seed] = True
+    for _ in range(limit):
+        grown = _spread(reached, np.maximum) & mask
+        if np.array_equal(grown, reached):
+            break
+        reached = grown
+    return reached
+
+
+def _from_border(mask: np.ndarray, limit: int = 256) -> np.ndarray:
+    """The parts of `mask` connected to the picture's edge (a photo's table or frame)."""
+    reached = np.zeros_like(mask)
+    reached[0], reached[-1], reached[:, 0], reached[:, -1] = mask[0], mask[-1], mask[:, 0], mask[:, -1]
+    for _ in range(limit):
+        grown = _spread(reached, np.maximum) & mask
+        if np.array_equal(grown, reached):
+            break
+        reached = grown
+    return reached
+
+
+def subject_box(ink: np.ndarray, threshold: float = 0.2) -> tuple[int, int, int, int] | None:
+    """(top, bottom, left, right) of the digit in an ink map, or None when there is no subject.
+
+    On a coarse grid (cells of 1/64 of the picture) the digit is the blob, grown over gaps of
+    one cell, around the densest ink; specks elsewhere are not part of it.
+    """
+    h, w = ink.shape
+    if min(h, w) < 3:
+        return None
+    smooth = _box3(ink) / 9.0  # single-pixel noise and JPEG ringing fade, strokes stay
+    peak = float(smooth.max())
+    if peak < threshold:
+        return None  # a blank or near-blank page
+    k = max(1, max(h, w) // 64)
+    coarse = _blocks(np.where(smooth > 0.35 * peak, smooth, 0.0), k, np.mean)
+    mask = coarse > 0.02
+    weight = np.where(mask, coarse, 0.0)
+    seed = np.unravel_index(int(np.argmax(_box3(weight))), weight.shape)
+    if not mask[seed]:
+        return None
+    blob = _component(_spread(mask, np.maximum), seed) & mask
+    for _ in range(2):  # parts of the digit a little apart (a 5's flag, a broken stroke) join it
+        rows, cols = np.flatnonzero(blob.any(1)), np.flatnonzero(blob.any(0))
+        my, mx = 1 + (rows[-1] - rows[0]) // 4, 1 + (cols[-1] - cols[0]) // 4
+        near = np.zeros_like(mask)
+        near[max(0, rows[0] - my) : rows[-1] + my + 1, max(0, cols[0] - mx) : cols[-1] + mx + 1] = True
+        blob = mask & near
+    rows, cols = np.flatnonzero(blob.any(1)), np.flatnonzero(blob.any(0))
+    top, bottom, left, right = rows[0] * k, min(h, (rows[-1] + 1) * k), cols[0] * k, min(w, (cols[-1] + 1) * k)
+    sub = smooth[top:bottom, left:right] > 0.35 * peak  # the real ink inside the coarse box
+    r, c = np.flatnonzero(sub.any(1)), np.flatnonzero(sub.any(0))
+    return top + r[0], top + r[-1] + 1, left + c[0], left + c[-1] + 1
+
+
+def _box3(x: np.ndarray) -> np.ndarray:
+    """3×3 box sum, same shape (edge values repeated past the border)."""
+    p = np.pad(x, 1, mode="edge")
+    r = p[:-2] + p[1:-1] + p[2:]
+    return r[:, :-2] + r[:, 1:-1] + r[:, 2:]
+
+
+def _resize_float(x: np.ndarray, w: int, h: int) -> np.ndarray:
+    f = Image.fromarray(x.astype(np.float32), mode="F")
+    resample = Image.Resampling.BOX if w <= x.shape[1] and h <= x.shape[0] else Image.Resampling.BILINEAR
+    return np.asarray(f.resize((w, h), resample), dtype=np.float32)
+
+
+def centre_of_mass(img: np.ndarray) -> tuple[float, float]:
+    total = float(img.sum())
+    if total <= 0:
+        return (img.shape[0] - 1) / 2, (img.shape[1] - 1) / 2
+    ys, xs = np.arange(img.shape[0], dtype=np.float64), np.arange(img.shape[1], dtype=np.float64)
+    return float(img.sum(1) @ ys / total), float(img.sum(0) @ xs / total)
+
+
+def frame_digit(grey: np.ndarray) -> np.ndarray | None:
+    """The MNIST recipe on any picture: (H, W) uint8 -> (28, 28) float32, or None with no ink.
+
+    The ink is separated from the paper (`ink_map`, lighting-independent), the digit found
+    (`subject_box`), cropped, its longer side scaled to 20 px keeping the aspect ratio, the
+    strokes brought to full strength (MNIST's cores are 255), and its centre of mass put at
+    the centre of the 28×28 frame.
+    """
+    work = shrink(grey)
+    ink = ink_map(work)
+    box = subject_box(ink)
+    if box is None:
+        return None
+    top, bottom, left, right = box
+    peak = float(ink[top:bottom, left:right].max())
+    crop = np.where(ink[top:bottom, left:right] >= 0.3 * peak, ink[top:bottom, left:right], 0.0)
+    ch, cw = crop.shape
+    f = DIGIT_BOX / max(ch, cw)
+    small = _resize_float(crop, max(1, round(cw * f)), max(1, round(ch * f)))
+    small = np.clip(small / max(float(np.percentile(small[small > 0], 98)) if (small > 0).any() else 1.0, 1e-3), 0, 1)
+    if small.sum() < 45:  # hairline strokes: thicken towards MNIST's pen (its ink mass is 50-160)
+        small = np.maximum(small, 0.6 * _spread(small, np.maximum))
+    return _place(small, *centre_of_mass(small))
+
+
+def _place(small: np.ndarray, cy: float, cx: float, size: int = IMAGE_SIZE) -> np.ndarray:
+    """Paste (h, w) onto a zero (size, size) canvas with the point (cy, cx) at its centre (clamped)."""
+    h, w = small.shape
+    top = int(np.clip(round(size / 2 - 0.5 - cy), 0, size - h))
+    left = int(np.clip(round(size / 2 - 0.5 - cx), 0, size - w))
+    out = np.zeros((size, size), dtype=np.float32)
+    out[top : top + h, left : left + w] = small
+    return out
+
+
+def frame_garment(grey: np.ndarray) -> np.ndarray | None:
+    """The Fashion-MNIST recipe: trim the background (the border's colour), longer side to 28,
+    centred, negated so the product is light on black. (H, W) uint8 -> (28, 28) float32, or
+    None when nothing differs from the background."""
+    work = shrink(grey).astype(np.float32)
+    border = np.concatenate([work[0], work[-1], work[:, 0], work[:, -1]])
+    bg = float(np.median(border))
+    diff = np.abs(work - bg) / 255.0
+    if min(work.shape) >= 3:
+        diff = _box3(diff) / 9.0
+    noise = float(np.median(np.abs(border - bg))) / 255.0
+    fg = diff > max(0.05, 4 * noise)
+    if not fg.any():
+        return None
+    rows, cols = np.flatnonzero(fg.any(1)), np.flatnonzero(fg.any(0))
+    crop = work[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    if bg > 127.5:  # a product on a light page: negate, as Fashion-MNIST did
+        crop, bg = 255.0 - crop, 255.0 - bg
+    crop = np.clip((crop - bg) / max(255.0 - bg, 1.0), 0.0, 1.0)
+    ch, cw = crop.shape
+    f = IMAGE_SIZE / max(ch, cw)
+    small = np.clip(_resize_float(crop, max(1, round(cw * f)), max(1, round(ch * f))), 0, 1)
+    h, w = small.shape
+    return _place(small, (h - 1) / 2, (w - 1) / 2)
 
 
 def _grey(img: Image.Image) -> np.ndarray:

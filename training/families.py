@@ -47,7 +47,7 @@ FAMILIES: dict[str, Family] = {
             bars={"test_accuracy": (">=", 0.993, 0.995)},
             summary={"digits": "CNN (3 conv blocks, BatchNorm, dropout) on MNIST; random ±2 px shifts."},
             pictures={"digits": ("digits_confusion.png", "digits_curves.png", "digits_reliability.png")},
-            overrides={"dataset": "mnist", "label_smoothing": 0.0},
+            overrides={"dataset": "mnist", "label_smoothing": 0.0, "augment": True, "wild": 12000},
             trust=True,
             trust_bars={
                 "auroc_fashion_mnist_test": (">=", 0.99, 0.99),
@@ -67,7 +67,7 @@ FAMILIES: dict[str, Family] = {
             bars={"test_accuracy": (">=", 0.920, 0.935)},
             summary={"fashion": "The same CNN on Fashion-MNIST; shifts and horizontal flips."},
             pictures={"fashion": ("fashion_confusion.png", "fashion_curves.png", "fashion_reliability.png")},
-            overrides={"dataset": "fashion", "hflip": True, "epochs": 20, "width": 32},
+            overrides={"dataset": "fashion", "hflip": True, "epochs": 20, "width": 32, "augment": True, "wild": 6000},
             trust=True,
             trust_bars={
                 "auroc_mnist_test": (">=", 0.97, 0.99),

@@ -58,6 +58,7 @@ from training import data
 OPSET = 17
 SHRINKAGE = 1e-3  # covariance + SHRINKAGE * mean eigenvalue * I: keeps dead channels invertible
 PASS_RATE = 0.95  # the share of validation inputs that must pass the threshold
+RUNS_WILD = Path(__file__).resolve().parent.parent / "runs" / "wild"  # cached renderings (git-ignored)
 N_VAL, SPLIT_SEED = 5000, 0  # the classifiers' validation split: split_indices(60000, 5000, 0)
 
 # --------------------------------------------------------------------------- metrics
@@ -560,6 +561,22 @@ def build_image(
     x_tr, y_tr = norm(pp.scale_pixels(images[tr])), labels[tr]
     x_va, y_va = norm(pp.scale_pixels(images[va])), labels[va]
     x_te = norm(pp.scale_pixels(test_images))
+    framing = pre.get("framing", "none")
+    if framing != "none":  # uploads as people send them, framed as served, are in distribution too
+        from training import wild
+
+        fams = wild.DIGIT_FAMILIES if framing == "digit" else wild.GARMENT_FAMILIES
+        n_tr, n_va = (256, 128) if limit else (6000, 2000)
+        cache = None if limit else RUNS_WILD
+        w_tr, wy_tr = wild.framed_set(
+            images[tr], labels[tr], fams, n_tr, 30_000, framing, cache and cache / f"{dataset}-ood-train.npz"
+        )
+        w_va, wy_va = wild.framed_set(
+            images[va], labels[va], fams, n_va, 40_000, framing, cache and cache / f"{dataset}-ood-val.npz"
+        )
+        x_tr, y_tr = np.concatenate([x_tr, norm(pp.scale_pixels(w_tr))]), np.concatenate([y_tr, wy_tr])
+        x_va, y_va = np.concatenate([x_va, norm(pp.scale_pixels(w_va))]), np.concatenate([y_va, wy_va])
+        log(f"+ {len(w_tr)} / {len(w_va)} wild renderings ({', '.join(fams)}) in the fitting / validation sets")
     if limit:  # a smoke run (training --dry-run): the same steps on a slice of every set
         x_tr, y_tr, x_va, y_va, x_te, y_test = (
             x_tr[:limit],
