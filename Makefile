@@ -11,7 +11,7 @@ export DEEPSERVE_DATA_DIR ?= $(abspath ../shared/datasets)
 endif
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: help serve test test-fast lint tools loadtest stress bench train train-smoke evaluate publish build fixtures settings-table clean gpu-check screenshots
+.PHONY: help serve test test-fast lint tools loadtest stress bench bench-framing mutants train train-smoke evaluate publish build fixtures settings-table clean gpu-check gpu-verify gpu-stage screenshots
 
 help:
 	@echo "make serve        serve exported/ models on $(HOST):$(PORT) (PORT=... to change)"
@@ -25,7 +25,11 @@ help:
 	@echo "make loadtest     locust against URL (default: starts deepserve); results/loadtest-*/"
 	@echo "make stress       goodput at 8x saturation per endpoint (wrk, resending clients); 256 clients for a minute"
 	@echo "make bench        deepserve vs FastAPI, LitServe, no-op and in-process ORT -> docs/benchmarks.md"
+	@echo "make mutants      deliberate faults in the service: each must be caught by a test (docs/testing.md)"
+	@echo "make bench-framing  /classify before and after server-side framing (28×28, canvas, photo), ABBA"
 	@echo "make gpu-check    the GPU image's packages in .venv-gpu-check (~1.6 GB download): CUDA libraries all resolve (docs/gpu.md)"
+	@echo "make gpu-verify   on a GPU: parity, batch sweep, server with batching on/off -> $$OUT (DEVICE=cpu: the 2-minute check here)"
+	@echo "make gpu-stage    onnxruntime-gpu + the serving wheels a device lacks, in parts for the device tool (.stage/RUNBOOK.md)"
 
 $(VENV)/.serve-installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -67,6 +71,14 @@ stress: $(VENV)/.dev-installed tools
 
 bench: $(VENV)/.dev-installed tools
 	$(PY) -m bench
+
+# deliberate faults in the service, each of which the suite must catch (docs/testing.md)
+mutants: $(VENV)/.dev-installed tools
+	$(PY) tests/mutants.py
+
+# what server-side framing costs on /classify: the commit before it against this checkout, ABBA
+bench-framing: $(VENV)/.dev-installed tools
+	$(PY) -m bench.framing
 
 test-fast: $(VENV)/.dev-installed
 	$(PY) -m pytest -m "unit or contract or export"
@@ -113,6 +125,22 @@ clean:
 # CUDA provider must resolve every library but the driver's libcuda.so.1. Not in `make test`.
 gpu-check:
 	$(PYTHON) deploy/gpu_check.py --venv .venv-gpu-check
+
+# Batched inference on a GPU in one prepared run (docs/gpu.md, "Device runbook"): every active
+# model's parity with the CPU and a batch-size sweep, written to $(OUT) before the real server
+# starts with batching on, then off, under an asyncio load. On the device: DEVICE=cuda (the
+# default; no fallback), packages from /tmp/site (make gpu-stage's parts); here: DEVICE=cpu.
+DEVICE ?= cuda
+OUT ?= results/gpu-verify
+GPU_PY := $(if $(wildcard $(PY)),$(PY),python3)
+gpu-verify:
+	$(GPU_PY) -m deploy.gpu.verify --device $(DEVICE) --out $(OUT) $(if $(filter cpu,$(DEVICE)),--quick)
+
+# onnxruntime-gpu (CUDA provider pruned to sm_90; ALL_ARCHS=1 keeps every GPU) and the serving
+# wheels the device image lacks, packed and split to fit the device tool's 64 MiB per call
+# -> .stage/ (ignored) and the exact calls in .stage/RUNBOOK.md
+gpu-stage: $(VENV)/.serve-installed
+	$(PY) -m deploy.gpu.stage build $(if $(ALL_ARCHS),--all-archs)
 
 # the playground's screenshots in docs/img/ (shown by the README), from a run of its browser test
 screenshots: $(VENV)/.dev-installed tools

@@ -91,8 +91,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(kind: str, port: int, log: Path, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO), **(extra_env or {})}
+def start(
+    kind: str, port: int, log: Path, extra_env: dict[str, str] | None = None, repo: Path = REPO
+) -> subprocess.Popen:
+    """Start a server of `kind` from the checkout `repo` (another commit's worktree for an A/B)."""
+    env = {**os.environ, "PYTHONPATH": str(repo), **(extra_env or {})}
     if kind.startswith("deepserve"):
         cmd = [
             sys.executable,
@@ -115,7 +118,7 @@ def start(kind: str, port: int, log: Path, extra_env: dict[str, str] | None = No
     if PIN:
         cmd = ["taskset", "-c", "1", *cmd]
     proc = subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True
+        cmd, cwd=repo, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True
     )
     url = f"http://127.0.0.1:{port}"
     probe = "/readyz" if kind.startswith("deepserve") else ("/health" if kind == "litserve" else None)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from service import metrics
 from service.errors import ApiError, bool_field, shown, str_field
+from service.httpkit import Route, json_response
 from service.metadata import MANIFEST, Manifest, read_manifest, read_metadata, write_json_atomic
 from service.runtime import ModelLoadError
 from service.versions import worker_states
@@ -45,8 +46,6 @@ def set_active(directory: Path, family: str, active: str, previous: str | None) 
 
 
 def install(app) -> None:
-    from service.app import json_response
-
     lock = asyncio.Lock()  # one version change at a time per worker
 
     def authorize(req) -> None:
@@ -168,8 +167,6 @@ def install(app) -> None:
                 "workers": worker_states(app.core.directory),
             }
         )
-
-    from service.app import Route
 
     routes = {
         "load": Route("/admin/models/{family}/load", ("POST",), load),

@@ -9,7 +9,8 @@ task) and what lets it protect the other clients from any one of them:
   headers, before decoding), rows per request; large images decode in a bounded thread pool;
 - a request counts against `max_concurrency` only once its body has arrived (it needs model
   work), so slow or stalled uploads cannot fill the service; a body that makes no progress
-  for `body_idle_timeout_s` gets 408;
+  for `body_idle_timeout_s`, or that averages under `body_min_rate` bytes/s after
+  `body_rate_grace_s` (a slow drip), gets 408 and its connection is closed;
 - once a request has failed, timed out or lost its client, no new decode or model work
   starts for it; a client that hangs up is counted as `client_closed`, never as a 5xx;
 - overload answers 503 early (before the body is read) and holds it for `shed_hold_ms`, so
@@ -30,8 +31,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +41,11 @@ from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from service import images, metrics, tasks
+from service import routes as route_table
 from service.batching import Overloaded
 from service.core import Core, NotServed
 from service.errors import ApiError, ClientGone, shown
+from service.httpkit import Handler, Response, Route, json_response, parse_json
 from service.settings import Settings
 
 log = logging.getLogger("deepserve")
@@ -53,6 +55,7 @@ SAFE_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
 TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 FLUSH_S = 1.0  # aggregated request metrics are written at least this often (service.metrics)
 INLINE_PIXELS = 256 * 256  # a request whose images total fewer pixels decodes on the event loop
+INLINE_FRAMED_PIXELS = 64 * 64  # ... when the model frames its subject (~3 ms for a 256×256 picture)
 JSON_OFF_LOOP = 64 * 1024  # larger JSON bodies are parsed in a thread
 PASSTHROUGH = frozenset({"/livez", "/healthz", "/readyz", "/metrics"})  # BentoML's own routes
 STATIC = Path(__file__).resolve().parent / "static"
@@ -85,21 +88,6 @@ class RequestIdFilter(logging.Filter):
 
 
 log.addFilter(RequestIdFilter())
-
-
-@dataclass
-class Response:
-    status: int
-    body: bytes
-    media_type: str = "application/json"
-    headers: list[tuple[bytes, bytes]] | None = None
-
-
-def json_response(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    body = orjson.dumps(payload)
-    return Response(
-        status, body, "application/json", [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    )
 
 
 class Request:
@@ -181,9 +169,17 @@ class Request:
                     413, f"request body is {int(declared)} bytes; the limit is {limit}", "too_large", limit=limit
                 )
         chunks, size, idle = [], 0, self.settings.body_idle_timeout_s
+        rate, grace = self.settings.body_min_rate, self.settings.body_rate_grace_s
         loop = asyncio.get_running_loop()
+        t0 = loop.time()
+
+        def deadline() -> float:
+            """The earlier of: no progress for `idle`; falling behind `rate` bytes/s after `grace`."""
+            stall = loop.time() + idle
+            return min(stall, t0 + grace + size / rate) if rate else stall
+
         try:
-            async with asyncio.timeout(idle) as timer:
+            async with asyncio.timeout_at(deadline()) as timer:
                 while True:
                     message = await self.receive()
                     if message["type"] == "http.disconnect":
@@ -198,8 +194,17 @@ class Request:
                         chunks.append(chunk)
                     if not message.get("more_body", False):
                         break
-                    timer.reschedule(loop.time() + idle)
+                    timer.reschedule(deadline())
         except TimeoutError:
+            elapsed = loop.time() - t0
+            if rate and elapsed >= grace + size / rate - 1e-3:
+                raise ApiError(
+                    408,
+                    f"the request body arrived at {size / max(elapsed, 1e-9):.0f} bytes/s ({size} bytes in "
+                    f"{elapsed:.1f} s); the minimum is {rate} bytes/s after {grace:g} s",
+                    "body_too_slow",
+                    limit=rate,
+                ) from None
             raise ApiError(
                 408, f"the request body made no progress for {idle:g} s ({size} bytes received)", "body_timeout"
             ) from None
@@ -243,8 +248,8 @@ class Request:
 
     # -------------------------------------------------------------- tasks.Context
 
-    async def decode_images(self, files: list[bytes], invert: str) -> np.ndarray:
-        """Uploaded files -> (N, 28, 28) float32, each checked from its header first."""
+    async def decode_images(self, files: list[bytes], pre) -> np.ndarray:
+        """Uploaded files -> (N, 28, 28) float32 framed by the model's preprocessing `pre`, each checked from its header first."""
         s = self.settings
         labels = ["image" if len(files) == 1 else f"image #{i + 1}" for i in range(len(files))]
         uploads = [images.probe(data, label, s.max_image_pixels) for data, label in zip(files, labels)]
@@ -257,20 +262,12 @@ class Request:
                 limit=s.max_request_pixels,
             )
         started = time.perf_counter()
-        if total <= INLINE_PIXELS:
-            arrays = [images.decode(u, invert) for u in uploads]
+        if total <= (INLINE_PIXELS if pre.framing == "none" else INLINE_FRAMED_PIXELS):
+            arrays = [images.decode(u, pre) for u in uploads]
         else:
-            arrays = await self.app.decode_off_loop(self, uploads, invert, total)
+            arrays = await self.app.decode_off_loop(self, uploads, pre, total)
         self.timings["decode"] = time.perf_counter() - started
         return np.stack(arrays)
-
-
-def parse_json(body: bytes) -> Any:
-    """Strict JSON (no NaN or Infinity, integers within 64 bits, nesting within 1024 levels)."""
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise ApiError(400, f"body is not valid JSON: {str(exc)[:80]}", "bad_json") from None
 
 
 def form_value(value: str) -> Any:
@@ -283,12 +280,12 @@ def form_value(value: str) -> Any:
     return value
 
 
-def _decode_all(req: Request, uploads: list[images.Upload], invert: str) -> list[np.ndarray]:
+def _decode_all(req: Request, uploads: list[images.Upload], pre) -> list[np.ndarray]:
     out = []
     for u in uploads:
         if not req.alive():  # failed, timed out or hung up: no more work for it
             raise ClientGone
-        out.append(images.decode(u, invert))
+        out.append(images.decode(u, pre))
     return out
 
 
@@ -343,17 +340,6 @@ class Slots:
         self.taken -= 1
 
 
-Handler = Callable[[Request], Awaitable[Response]]
-
-
-@dataclass
-class Route:
-    endpoint: str  # the metric label: the route template
-    methods: tuple[str, ...]
-    handler: Handler
-    model_work: bool = False  # under the API key, the concurrency limit and the request timeout
-
-
 class App:
     """The ASGI app. `core` may be bound later (BentoML creates it in the worker's start-up)."""
 
@@ -367,8 +353,6 @@ class App:
         self._hold = settings.shed_hold_ms / 1000
         self._flusher: asyncio.TimerHandle | None = None  # the next write of aggregated metrics
         self._static = {}
-        from service import routes as route_table
-
         route_table.install(self)
 
     def bind(self, core: Core, drain=None) -> None:
@@ -385,13 +369,13 @@ class App:
     async def offload(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.core.decode_pool, fn, *args)
 
-    async def decode_off_loop(self, req: Request, uploads, invert: str, pixels: int) -> list[np.ndarray]:
+    async def decode_off_loop(self, req: Request, uploads, pre, pixels: int) -> list[np.ndarray]:
         core = self.core
         if core.decode_backlog + pixels > self.settings.decode_backlog_pixels and core.decode_backlog:
             raise Overloaded("the image decoder is busy with large images")
         core.decode_backlog += pixels
         try:
-            return await self.offload(_decode_all, req, uploads, invert)
+            return await self.offload(_decode_all, req, uploads, pre)
         finally:
             core.decode_backlog -= pixels
 
@@ -621,10 +605,10 @@ def build_app(core: Core | None = None, settings: Settings | None = None, fallba
         allow_origins=origins,
         allow_methods=["GET", "POST"],
         allow_headers=["*"],
-        expose_headers=["X-Request-ID", "Server-Timing", "X-Seed", "X-Digits", "X-Model-Version"],
+        expose_headers=["X-Request-ID", "Server-Timing", "X-Seed", "X-Digits", "X-Model-Version", "X-Model-Input"],
     )
     cors.deepserve = app  # so the service can bind the core to the inner app
     return cors
 
 
-__all__ = ["App", "Request", "Response", "build_app", "json_response", "tasks"]
+__all__ = ["App", "Request", "Response", "Route", "build_app", "json_response", "parse_json", "tasks"]

@@ -23,8 +23,8 @@ import sys
 import time
 
 log = logging.getLogger("deepserve")
-QUIET_S = 0.25  # the queue and the handlers must stay empty this long before we close
-FRESH_S = 1.0  # a new connection that has not sent its request yet counts as busy this long
+QUIET_S = 0.25  # defaults of settings.drain_quiet_s and drain_fresh_connection_s (no app: unit use)
+FRESH_S = 1.0
 
 
 def listening_fd() -> int | None:
@@ -53,11 +53,11 @@ def accept_queue(fd: int | None) -> int:
         sock.detach()
 
 
-def busy_connections(server, first_seen: dict | None = None) -> int:
+def busy_connections(server, first_seen: dict | None = None, fresh_s: float = FRESH_S) -> int:
     """uvicorn connections with a request in progress (idle keep-alive ones are not busy).
     A connection accepted but with no request parsed yet is almost always a client that has
     just reconnected (after a `Connection: close`) and is writing one: uvicorn would close it
-    under that request, so it counts as busy for its first FRESH_S seconds (`first_seen`
+    under that request, so it counts as busy for its first `fresh_s` seconds (`first_seen`
     remembers when each was first seen)."""
     if server is None:
         return 0
@@ -65,7 +65,7 @@ def busy_connections(server, first_seen: dict | None = None) -> int:
     for conn in list(getattr(getattr(server, "server_state", None), "connections", ())):
         cycle = getattr(conn, "cycle", None)
         if cycle is None:
-            if first_seen is not None and now - first_seen.setdefault(id(conn), now) < FRESH_S:
+            if first_seen is not None and now - first_seen.setdefault(id(conn), now) < fresh_s:
                 busy += 1
         elif not cycle.response_complete:
             busy += 1
@@ -121,11 +121,15 @@ class Drain:
     async def _drain_then(self, previous, sig, frame) -> None:
         start = time.monotonic()
         deadline, quiet_since, first_seen = start + self.max_seconds, None, {}
+        settings = getattr(self.app, "settings", None)
+        quiet_s = getattr(settings, "drain_quiet_s", QUIET_S)
+        fresh_s = getattr(settings, "drain_fresh_connection_s", FRESH_S)
         log.info("SIGTERM: draining (%d in flight, %d queued)", self.in_flight, accept_queue(self._fd))
         while time.monotonic() < deadline:
-            if self.in_flight == 0 and accept_queue(self._fd) == 0 and busy_connections(self.server, first_seen) == 0:
+            idle = self.in_flight == 0 and accept_queue(self._fd) == 0
+            if idle and busy_connections(self.server, first_seen, fresh_s) == 0:
                 quiet_since = quiet_since or time.monotonic()
-                if time.monotonic() - quiet_since >= QUIET_S:
+                if time.monotonic() - quiet_since >= quiet_s:
                     break
             else:
                 quiet_since = None

@@ -3,8 +3,9 @@
 Every upload is opened header-first: its format and size are known before a pixel is
 decoded, so a decompression bomb or an over-budget request stops at 413 for the price of
 reading a header. Decoding then touches the first frame only, asks JPEG for a reduced-size
-decode (DCT scaling), and shrinks the image to 28×28 without ever allocating anything
-larger than the image itself: the "pad to a square" step happens after the resize, on the
+decode (DCT scaling), frames the subject the way the model's training set was made (the
+model's `framing`, service.preprocessing) and shrinks the image to 28×28 without ever
+allocating anything larger than the image itself: the "pad to a square" step happens after the resize, on the
 28×28 canvas, so a 62,500×256 strip costs its 16 M pixels, not 62,500² of them.
 """
 
@@ -66,14 +67,16 @@ def probe(data: bytes, label: str, max_pixels: int) -> Upload:
     return Upload(label, img, width * height)
 
 
-def decode(upload: Upload, invert: str) -> np.ndarray:
-    """One opened upload -> (28, 28) float32 in [0, 1]; 400 if its data is corrupt."""
+def decode(upload: Upload, pre) -> np.ndarray:
+    """One opened upload -> (28, 28) float32 in [0, 1], framed by the model's preprocessing
+    `pre` (service.metadata.ImagePre: invert, framing); 400 if its data is corrupt."""
     img = upload.image
     try:
-        if img.format == "JPEG":
-            img.draft("L" if img.mode in ("L", "RGB") else None, (DRAFT, DRAFT))
+        if img.format == "JPEG":  # framing needs the subject's detail, the plain rule only 28 px
+            side = pp.WORK_SIDE if pre.framing != "none" else DRAFT
+            img.draft("L" if img.mode in ("L", "RGB") else None, (side, side))
         img.load()  # the first frame only: later frames of a GIF/TIFF/WebP are never decoded
-        return pp.to_grey_square(img, invert)
+        return pp.to_grey_square(img, pre.invert, pre.framing)
     except ApiError:
         raise
     except Exception as exc:

@@ -120,7 +120,6 @@ class ImagePre(_Strict):
     # how an upload of another size is framed (service.preprocessing.to_grey_square); models
     # exported before framing have none and keep the whole-picture rule they were trained with
     framing: Literal["none", "digit", "garment"] = "none"
-    keep_native: bool = False  # a 28×28 upload is never re-framed (the denoiser's noisy inputs)
     mean: float | None = None
     std: float | None = Field(None, gt=0)
 

@@ -161,6 +161,19 @@ class Aggregator:
             h[0] += value
             h[1][i] += 1
 
+    def observe_many(self, metric: str, labels: tuple, values: list[float]) -> None:
+        """observe() for each value, under one lock (a batch's classifications)."""
+        bounds = self.BUCKETS[metric]
+        where = [bisect.bisect_left(bounds, v) for v in values]
+        with self.lock:
+            h = self.histograms.get((metric, labels))
+            if h is None:
+                h = self.histograms[(metric, labels)] = [0.0, [0] * (len(bounds) + 1)]
+            counts = h[1]
+            for v, i in zip(values, where):
+                h[0] += v
+                counts[i] += 1
+
     def flush(self) -> None:
         pending, self.pending = self.pending, []
         for endpoint, timings in pending:

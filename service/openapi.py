@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from service import v2
 from service.settings import Settings
 from service.tasks import TASKS, Task, routes
 
@@ -119,8 +120,6 @@ def document(settings: Settings, core=None) -> dict:
                 },
             }
         }
-    from service import v2
-
     paths.update(v2.openapi_paths(settings, core))
     return {
         "openapi": "3.0.3",

@@ -9,8 +9,10 @@ quantization bits, vocabulary) live in each model's metadata in `exported/`.
 
 from __future__ import annotations
 
+import html
 import io
 import re
+import unicodedata
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -36,7 +38,7 @@ WORK_SIDE = 256  # framing looks at the upload shrunk to at most this many pixel
 DIGIT_BOX = 20  # MNIST: the ink's longer side is scaled to 20 px, its centre of mass put at the centre
 
 
-def to_grey_square(img: Image.Image, invert: str = "none", framing: str = "none", keep_native: bool = False):
+def to_grey_square(img: Image.Image, invert: str = "none", framing: str = "none"):
     """A decoded image -> float32 (28, 28) in [0, 1], light subject on dark, as the model was trained.
 
     framing "none" (the rule of models exported before framing): EXIF orientation, alpha over
@@ -45,15 +47,16 @@ def to_grey_square(img: Image.Image, invert: str = "none", framing: str = "none"
     centred on the border's median colour.
     framing "digit" (the MNIST recipe, `frame_digit`) and "garment" (the Fashion-MNIST recipe,
     `frame_garment`) find the subject first and frame it the way the training set was made.
-    A 28×28 upload is the models' own format and passes through the "none" rule unchanged
-    when `keep_native` is set or it already looks framed (`looks_framed`); a picture with no
-    subject (a blank page) is never framed into one: it takes the "none" rule and stays blank.
+    A 28×28 upload is the models' own format (the MNIST and Fashion-MNIST files, the
+    denoiser's noisy digits): it is taken as framed and passes through the "none" rule
+    unchanged. A picture with no subject (a blank page, noise) is never framed into one: it
+    takes the "none" rule and stays what it is, which the OOD score flags.
     Memory stays proportional to the image's own pixels: every working copy is at most the
     decoded image (shrunk to WORK_SIDE before framing), padding happens on the 28×28 canvas.
     """
     img = ImageOps.exif_transpose(img) or img
     grey = _grey(img)  # (H, W) uint8
-    if framing != "none" and not (grey.shape == (IMAGE_SIZE, IMAGE_SIZE) and (keep_native or looks_framed(grey))):
+    if framing != "none" and grey.shape != (IMAGE_SIZE, IMAGE_SIZE):
         framed = frame_digit(grey) if framing == "digit" else frame_garment(grey)
         if framed is not None:
             return framed
@@ -61,17 +64,6 @@ def to_grey_square(img: Image.Image, invert: str = "none", framing: str = "none"
     if invert == "always" or (invert == "auto" and float(border.mean()) > 127.5):
         grey, border = 255 - grey, 255 - border
     return scale_pixels(fit_square(grey, int(np.median(border))))
-
-
-def looks_framed(grey: np.ndarray) -> bool:
-    """A 28×28 upload whose subject already sits MNIST-style: uniform border, ink inside 22 px."""
-    border = np.concatenate([grey[:3].ravel(), grey[-3:].ravel(), grey[:, :3].ravel(), grey[:, -3:].ravel()])
-    bg = int(np.median(border))
-    ink = np.abs(grey.astype(np.int16) - bg) > 64
-    if not ink.any():
-        return True  # nothing to frame: blank stays blank
-    rows, cols = np.flatnonzero(ink.any(1)), np.flatnonzero(ink.any(0))
-    return rows[-1] - rows[0] < 23 and cols[-1] - cols[0] < 23 and rows[0] >= 2 and cols[0] >= 2
 
 
 def shrink(grey: np.ndarray, side: int = WORK_SIDE) -> np.ndarray:
@@ -126,21 +118,37 @@ def otsu(values: np.ndarray, bins: int = 64) -> float:
 
 
 def _ink_is_dark(g: np.ndarray) -> bool:
-    """Ink is the minority: of the two classes Otsu's threshold separates, the smaller one is
-    the ink (a photo's dark table joins the dark class, so a page mostly in view keeps dark
-    ink). Too close to call (a tiny scan full of ink): the border's colour is the paper."""
-    dark_share = float(np.mean(g < otsu(g)))
+    """Ink is the minority of the two classes Otsu's threshold separates. A frame around the
+    paper (a photo's dark table: one class, along most of the edge, yet under half of the
+    picture) is left out of the count first. Too close to call (a tiny scan full of ink): the
+    border's colour is the paper."""
+    t = otsu(g)
+    border = np.concatenate([g[0], g[-1], g[:, 0], g[:, -1]])
+    if max(g.shape) <= 64:  # a scan or an icon: its digit fills it, its border is the paper
+        bright_border = float(np.mean(border >= t))
+        if abs(bright_border - 0.5) > 0.2:
+            return bright_border > 0.5
+    coarse = _blocks(g, max(1, max(g.shape) // 64), np.mean)
+    dark = coarse < t
+    for cls in (dark, ~dark):
+        frame = _from_border(cls)
+        contact = np.concatenate([frame[0], frame[-1], frame[:, 0], frame[:, -1]]).mean()
+        if contact >= 0.5 and frame.mean() < 0.5:
+            inside = ~frame
+            dark_share = float(np.mean(dark[inside]))
+            if abs(dark_share - 0.5) > 0.1:
+                return dark_share < 0.5
+    dark_share = float(np.mean(g < t))
     if abs(dark_share - 0.5) > 0.1:
         return dark_share < 0.5
-    border = np.concatenate([g[0], g[-1], g[:, 0], g[:, -1]])
     return float(np.median(border)) > 0.5
 
 
 def _paper_level(x: np.ndarray) -> tuple[np.ndarray, float]:
-    """(coarse means of x, paper level): paper is the most common level (the histogram's mode)."""
+    """(coarse means of x, paper level): the paper is most of the picture (its median); a
+    histogram mode would pick a uniform table over paper under a light gradient."""
     coarse = _blocks(x, max(1, max(x.shape) // 64), np.mean)
-    hist = np.histogram(coarse, bins=16, range=(0.0, 1.0))[0]
-    return coarse, (int(np.argmax(hist)) + 0.5) / 16
+    return coarse, float(np.median(coarse))
 
 
 def ink_map(grey: np.ndarray) -> np.ndarray:
@@ -150,31 +158,38 @@ def ink_map(grey: np.ndarray) -> np.ndarray:
     over blocks of 1/8 of the picture, spread to neighbouring blocks so a thick stroke never
     counts as paper) and the contrast is taken relative to the light that falls there:
     (x - paper) / (1 - paper). Shadows and uneven light scale paper and ink alike and cancel.
-    What lies off the paper (a photo's table or frame: dark regions that reach the picture's
-    edge) is not ink, unless removing it would remove nearly all of the ink (a digit drawn
-    to the edge of a canvas).
+    What lies off the paper (a photo's table or frame: dark regions that run along at least a
+    tenth of the picture's edge) is not ink when something is drawn on the paper itself; a
+    digit drawn up to the edge of a canvas only touches it.
     """
     g = grey.astype(np.float32) / 255.0
     x = 1.0 - g if _ink_is_dark(g) else g
-    k = max(2, max(x.shape) // 8)
-    blurred = _box3(x) / 9.0 if min(x.shape) >= 3 else x  # the minimum of noise is biased: blur first
-    paper = _upsample(_spread(_blocks(blurred, k, np.min), np.minimum), x.shape)
-    ink = np.clip((x - paper) / np.maximum(1.0 - paper, 0.05), 0.0, 1.0)
+    if max(x.shape) <= 64:  # too small for regions: one paper level (a scan's background)
+        paper = np.full(x.shape, np.percentile(x, 5), np.float32)
+    else:
+        k = max(2, max(x.shape) // 8)
+        blurred = _box3(x) / 9.0  # the minimum of noise is biased: blur first
+        paper = _upsample(_spread(_blocks(blurred, k, np.min), np.minimum), x.shape)
+    ink = np.clip((x - paper) / np.maximum(1.0 - paper, 0.25), 0.0, 1.0)  # paper under 25% of full light: as if 25%
     xc, xp = _paper_level(x)
-    off = _from_border(xc > xp + 0.5 * (1.0 - xp))
-    if off.any():
+    off = _from_border(xc > xp + 0.4 * (1.0 - xp))
+    contact = np.concatenate([off[0], off[-1], off[:, 0], off[:, -1]]).mean()
+    if contact >= 0.05:  # a table or frame runs along the edge; a stroke that reaches it only touches it
         c = max(1, max(x.shape) // 64)
-        off = np.repeat(np.repeat(_spread(off, np.maximum), c, 0), c, 1)[: x.shape[0], : x.shape[1]]
-        kept = np.where(off, 0.0, ink)
-        if kept.sum() >= 0.15 * ink.sum():
+        up = lambda cells: np.repeat(np.repeat(cells, c, 0), c, 1)[: x.shape[0], : x.shape[1]]
+        grown = _spread(off, np.maximum)
+        kept = np.where(up(grown), 0.0, ink)
+        fringe = kept[up(_spread(grown, np.maximum, 2) & ~grown)].sum()
+        # something is drawn on the paper itself, not only the edge of what was removed (when
+        # a thick digit reaching the edge was taken for a table, only its outline remains)
+        if np.count_nonzero(kept > 0.5) >= 12 and fringe < 0.6 * kept.sum():
             ink = kept
     return ink
 
 
-def _component(mask: np.ndarray, seed: tuple[int, int], limit: int = 256) -> np.ndarray:
-    """The 8-connected part of `mask` that contains `seed` (bounded geodesic dilation)."""
-    reached = np.zeros_like(mask)
-    reached[seed] = True
+def _reach(mask: np.ndarray, seeds: np.ndarray, limit: int = 256) -> np.ndarray:
+    """The 8-connected parts of `mask` that contain a seed (bounded geodesic dilation)."""
+    reached = seeds & mask
     for _ in range(limit):
         grown = _spread(reached, np.maximum) & mask
         if np.array_equal(grown, reached):
@@ -183,20 +198,16 @@ def _component(mask: np.ndarray, seed: tuple[int, int], limit: int = 256) -> np.
     return reached
 
 
-def _from_border(mask: np.ndarray, limit: int = 256) -> np.ndarray:
+def _from_border(mask: np.ndarray) -> np.ndarray:
     """The parts of `mask` connected to the picture's edge (a photo's table or frame)."""
-    reached = np.zeros_like(mask)
-    reached[0], reached[-1], reached[:, 0], reached[:, -1] = mask[0], mask[-1], mask[:, 0], mask[:, -1]
-    for _ in range(limit):
-        grown = _spread(reached, np.maximum) & mask
-        if np.array_equal(grown, reached):
-            break
-        reached = grown
-    return reached
+    seeds = np.zeros_like(mask)
+    seeds[0], seeds[-1], seeds[:, 0], seeds[:, -1] = True, True, True, True
+    return _reach(mask, seeds)
 
 
-def subject_box(ink: np.ndarray, threshold: float = 0.2) -> tuple[int, int, int, int] | None:
-    """(top, bottom, left, right) of the digit in an ink map, or None when there is no subject.
+def subject_box(ink: np.ndarray, threshold: float = 0.35) -> tuple[int, int, int, int] | None:
+    """(top, bottom, left, right) of the digit in an ink map, or None when there is no subject
+    (a blank page, or noise: contrast that a 3×3 average erases).
 
     On a coarse grid (cells of 1/64 of the picture) the digit is the blob, grown over gaps of
     one cell, around the densest ink; specks elsewhere are not part of it.
@@ -206,19 +217,29 @@ def subject_box(ink: np.ndarray, threshold: float = 0.2) -> tuple[int, int, int,
         return None
     smooth = _box3(ink) / 9.0  # single-pixel noise and JPEG ringing fade, strokes stay
     peak = float(smooth.max())
-    if peak < threshold:
-        return None  # a blank or near-blank page
+    if np.count_nonzero(ink > threshold) < 12:
+        return None  # a blank or near-blank page: no stroke of a dozen pixels with real contrast
+    if smooth.var() < 0.3 * ink.var():  # contrast without structure: noise keeps ~1/9 of it, ink over 0.45
+        return None
     k = max(1, max(h, w) // 64)
     coarse = _blocks(np.where(smooth > 0.35 * peak, smooth, 0.0), k, np.mean)
     mask = coarse > 0.02
     weight = np.where(mask, coarse, 0.0)
-    seed = np.unravel_index(int(np.argmax(_box3(weight))), weight.shape)
+    seed = np.unravel_index(int(np.argmax(np.where(mask, _box3(weight), -1.0))), weight.shape)
     if not mask[seed]:
         return None
-    blob = _component(_spread(mask, np.maximum), seed) & mask
+    seeds = np.zeros_like(mask)
+    seeds[seed] = True
+    blob = _reach(_spread(mask, np.maximum), seeds) & mask
+    edge = _from_border(mask)
+    band = np.ones_like(mask)
+    band[5:-5, 5:-5] = False
+    slivers = edge & ~_reach(edge, edge & ~band)  # parts that never leave the picture's outer band
+    if not (blob & slivers).any():  # a sliver of table or shadow along the edge is not part of the digit
+        mask = mask & ~slivers
     for _ in range(2):  # parts of the digit a little apart (a 5's flag, a broken stroke) join it
         rows, cols = np.flatnonzero(blob.any(1)), np.flatnonzero(blob.any(0))
-        my, mx = 1 + (rows[-1] - rows[0]) // 4, 1 + (cols[-1] - cols[0]) // 4
+        my = mx = 1 + max(rows[-1] - rows[0], cols[-1] - cols[0]) // 4
         near = np.zeros_like(mask)
         near[max(0, rows[0] - my) : rows[-1] + my + 1, max(0, cols[0] - mx) : cols[-1] + mx + 1] = True
         blob = mask & near
@@ -264,13 +285,24 @@ def frame_digit(grey: np.ndarray) -> np.ndarray | None:
     if box is None:
         return None
     top, bottom, left, right = box
+    f = max(grey.shape) / max(work.shape)
+    if f > 1.5 and max(bottom - top, right - left) < 0.4 * max(work.shape):
+        # a small subject on a large picture: look again at the original pixels around it
+        # (a view of the decoded image, shrunk again to at most WORK_SIDE), for its detail
+        my, mx = (bottom - top) // 2 + 2, (right - left) // 2 + 2
+        y0, x0 = int(max(0, top - my) * f), int(max(0, left - mx) * f)
+        y1, x1 = int(min(work.shape[0], bottom + my) * f), int(min(work.shape[1], right + mx) * f)
+        work = shrink(grey[y0:y1, x0:x1])
+        ink = ink_map(work)
+        box = subject_box(ink) or (0, work.shape[0], 0, work.shape[1])
+        top, bottom, left, right = box
     peak = float(ink[top:bottom, left:right].max())
     crop = np.where(ink[top:bottom, left:right] >= 0.3 * peak, ink[top:bottom, left:right], 0.0)
     ch, cw = crop.shape
     f = DIGIT_BOX / max(ch, cw)
     small = _resize_float(crop, max(1, round(cw * f)), max(1, round(ch * f)))
     small = np.clip(small / max(float(np.percentile(small[small > 0], 98)) if (small > 0).any() else 1.0, 1e-3), 0, 1)
-    if small.sum() < 45:  # hairline strokes: thicken towards MNIST's pen (its ink mass is 50-160)
+    if small.sum() < 1.3 * sum(small.shape):  # hairline strokes (ink per box side under MNIST's 1st percentile)
         small = np.maximum(small, 0.6 * _spread(small, np.maximum))
     return _place(small, *centre_of_mass(small))
 
@@ -394,11 +426,33 @@ _TOKEN = re.compile(r"n't|'s|'re|'ve|'ll|'d|'m|[a-z0-9]+(?:[-'][a-z0-9]+)*|[^\sa
 _QUOTES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u201c": '"', "\u201d": '"', "`": "'"})
 
 
-def tokenize(text: str) -> list[str]:
-    """Raw text -> SST-2-style tokens: lower-case, contractions and punctuation split."""
-    text = text.translate(_QUOTES).lower()
-    text = _CONTRACTION.sub(r"\1 \2", text)
-    return _TOKEN.findall(text)
+# Text as people write it, brought to SST-2's conventions before tokenizing (SST-2 has no
+# URLs, emoji, markup or shouting; it spells "..." and single "!"/"?").
+_URL = re.compile(r"(?i)\b(?:https?://|www\.)\S+|\b\S+@\S+\.[a-z]{2,}\b")
+_TAG = re.compile(r"<[a-zA-Z/][^<>]{0,200}>")
+_REPEAT_PUNCT = re.compile(r"([!?,;:~])\1+")  # not "--", "***" or "...": SST-2 spells those
+_DOTS = re.compile(r"\.{2,}|\u2026")
+_ELONGATED = re.compile(r"([a-z])\1{2,}")  # "sooo": encode tries "soo", then "so", when it is unknown
+
+
+def normalize_text(text: str) -> str:
+    """HTML entities and tags, URLs and e-mail addresses, emoji and other symbols, repeated
+    punctuation -> the plain text SST-2 was written in (lower-case). Elongated words ("sooo")
+    are left to `encode`, which knows the vocabulary ("xxx" is a film in SST-2)."""
+    text = html.unescape(_TAG.sub(" ", text)) if ("&" in text or "<" in text) else text
+    text = _URL.sub(" ", text.translate(_QUOTES))
+    if not text.isascii():
+        text = "".join(" " if unicodedata.category(ch)[0] in "SC" and ch not in "$%&+<=>" else ch for ch in text)
+        text = unicodedata.normalize("NFKC", text)
+    return _DOTS.sub(" ... ", _REPEAT_PUNCT.sub(r"\1", text.lower()))
+
+
+def tokenize(text: str, normalize: bool = True) -> list[str]:
+    """Raw text -> SST-2-style tokens: normalized (`normalize_text`; off: lower-case only, the
+    rule before normalization, kept for the before/after measurement), contractions and
+    punctuation split."""
+    text = normalize_text(text) if normalize else text.translate(_QUOTES).lower()
+    return _TOKEN.findall(_CONTRACTION.sub(r"\1 \2", text))
 
 
 def build_vocab(token_lists: Iterable[Sequence[str]], min_freq: int = 1) -> list[str]:
@@ -412,8 +466,19 @@ def build_vocab(token_lists: Iterable[Sequence[str]], min_freq: int = 1) -> list
 
 
 def encode(tokens: Sequence[str], index: dict[str, int], max_tokens: int = MAX_TOKENS) -> list[int]:
-    """Tokens -> ids, unknown words -> UNK, truncated to `max_tokens`."""
-    return [index.get(tok, UNK) for tok in tokens[:max_tokens]]
+    """Tokens -> ids, unknown words -> UNK, truncated to `max_tokens`. An unknown word with a
+    elongated spelling tries the word with its repeats cut to two letters, then to one."""
+    out = []
+    for tok in tokens[:max_tokens]:
+        i = index.get(tok)
+        if i is None and _DOUBLE.search(tok):  # "sooo" -> "soo" -> "so"; "gooood" -> "good"
+            twice = _ELONGATED.sub(r"\1\1", tok)
+            i = index.get(twice) or index.get(_DOUBLE.sub(r"\1", twice))
+        out.append(UNK if i is None else i)
+    return out
+
+
+_DOUBLE = re.compile(r"([a-z])\1")
 
 
 def pad_batch(sequences: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:

@@ -1,15 +1,16 @@
 """Every route of the front door, from the task registry: one model route per task route
 (/classify, /generate, ...), the registry (/models), the generated contracts (/docs.json,
-/schema.json), the docs and playground pages and their static files."""
+/schema.json), the docs and playground pages and their static files; `install` also wires
+the Open Inference Protocol (service.v2) and the admin API (service.admin)."""
 
 from __future__ import annotations
 
 import mimetypes
-import time
 from pathlib import Path
 
-from service import openapi
+from service import admin, dataplane, openapi, v2
 from service.errors import ApiError, shown, str_field
+from service.httpkit import Response, Route, json_response
 from service.tasks import TASKS, Answer, Body, Task, routes
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -23,8 +24,6 @@ WRONG_TYPE = {
 
 
 def install(app) -> None:
-    from service.app import Response, json_response
-
     for path, by_body in routes().items():
         app.add(path, model_handler(app, path, by_body), methods=("POST",), model_work=True)
 
@@ -58,8 +57,6 @@ def install(app) -> None:
         return Response(200, path.read_bytes(), media, headers)
 
     def match_static(path: str):
-        from service.app import Route
-
         name = path.removeprefix("/static/")
         if name in files:
             return Route("/static/*", ("GET",), static), {"name": name}
@@ -71,11 +68,7 @@ def install(app) -> None:
     if "docs.html" in files:
         app.add("/docs", lambda req: static(req, "docs.html"), endpoint="/docs")
 
-    from service import v2
-
     v2.install(app)
-    from service import admin
-
     admin.install(app)
 
 
@@ -142,8 +135,8 @@ def registry(app) -> dict:
 
 
 def model_handler(app, path: str, by_body: dict[str, Task]):
-    """POST handler of one model route: body -> model -> job -> batcher -> answer."""
-    from service.app import Response, json_response
+    """POST handler of one model route: the body names the task (by its kind) and the model;
+    the task parses it into a job and makes the answer; service.dataplane does the rest."""
 
     async def handle(req) -> Response:
         kind = {"application/json": "json", "multipart/form-data": "multipart"}.get(req.media_type())
@@ -179,33 +172,30 @@ def model_handler(app, path: str, by_body: dict[str, Task]):
                     "unknown_field",
                 )
             body = Body("multipart", fields, files)
-        model, batcher = resolve(core, task, by_body, body.fields)
-        batcher.admit(1)  # shed before decoding anything when the model's queue is already too long
-        async with app.work():
-            job = await task.parse(body, model, req)
-            result = await batcher.submit(job, job.rows, req.alive, time.perf_counter() - req.start)
-            req.timings["queue"], req.timings["infer"] = job.queued_s, job.infer_s
-            started = time.perf_counter()
-            answer: Answer = task.answer(model, job, result)
-        if isinstance(answer.content, dict):
-            resp = json_response(answer.content, answer.status, answer.headers)
-        else:
-            resp = Response(
-                answer.status,
-                answer.content,
-                answer.media_type,
-                [(k.lower().encode(), v.encode()) for k, v in answer.headers.items()],
-            )
-        req.timings["encode"] = time.perf_counter() - started
-        return resp
+        name, version = model_asked(core, task, by_body, body.fields)
+
+        def decode(model):  # the coroutine itself: no extra frame per request
+            return task.parse(body, model, req)
+
+        def encode(model, job, result) -> Response:
+            return response(task.answer(model, job, result))
+
+        return await dataplane.infer(app, req, name, version, decode, encode)
 
     handle.__name__ = f"post_{path.strip('/')}"
     return handle
 
 
-def resolve(core, task: Task, by_body: dict[str, Task], fields: dict):
-    """The model (and batcher) a request asks for: `model` or the task's default, at its
-    active version or the pinned `model_version`."""
+def response(answer: Answer) -> Response:
+    if isinstance(answer.content, dict):
+        return json_response(answer.content, answer.status, answer.headers)
+    headers = [(k.lower().encode(), v.encode()) for k, v in answer.headers.items()]
+    return Response(answer.status, answer.content, answer.media_type, headers)
+
+
+def model_asked(core, task: Task, by_body: dict[str, Task], fields: dict) -> tuple[str, str | None]:
+    """The model a request asks for: `model` or the task's default (which must serve the
+    task), and the pinned `model_version` (None: the active one)."""
     name = fields.get("model")
     if name is None:
         name = core.default_model(task.name)
@@ -223,4 +213,4 @@ def resolve(core, task: Task, by_body: dict[str, Task], fields: dict):
     version = fields.get("model_version")
     if version is not None:
         version = str_field(version, "model_version")
-    return core.resolve(name, version)
+    return name, version

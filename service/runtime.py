@@ -52,6 +52,22 @@ def providers_for(device: str) -> list[str]:
     return [CUDA, CPU] if CUDA in available else [CPU]
 
 
+def device_problem(device: str) -> str | None:
+    """Why the workers could not run on `device` (None: they can), checked in the server
+    process before any worker starts: DEEPSERVE_DEVICE=cuda must have the CUDA provider and
+    every library it loads, or start-up fails with this one line."""
+    if device != "cuda":
+        return None
+    try:
+        providers_for(device)
+    except ModelLoadError as exc:
+        return str(exc)
+    from service.gpu import cuda_unavailable_reason
+
+    reason = cuda_unavailable_reason()
+    return f"DEEPSERVE_DEVICE=cuda but CUDA cannot load: {reason}" if reason else None
+
+
 @functools.cache
 def cuda_reason() -> str:
     """Why CUDA is not used, in one line (the library that failed to load, where known)."""

@@ -20,25 +20,44 @@ import bentoml
 from pydantic import ValidationError
 
 from service.app import build_app
+from service.compat import tracing_config, tracing_problem
 from service.core import load_all
 from service.drain import Drain, listening_fd
-from service.runtime import ModelLoadError
+from service.runtime import ModelLoadError, device_problem
 from service.settings import Settings
+from service.versions import StartGuard
 
 log = logging.getLogger("deepserve")
 PROBES = ["/livez", "/healthz", "/readyz", "/metrics"]
+
+TRACING = {"excluded_urls": PROBES}  # spans come from BentoML's tracing configuration
 
 try:
     settings = Settings()
     # Fail fast in the server process, before BentoML spawns workers (it would respawn a
     # failing worker forever): every model must match its sha256, load in ONNX Runtime and
-    # fit its task; the manifest and every metadata file must be well-typed.
+    # fit its task; the manifest and every metadata file must be well-typed; key files are
+    # read (Settings); the device asked for must be usable; BentoML's tracing configuration
+    # must name an exporter whose package is installed.
     load_all(settings.exported_dir, "cpu", 1)
-except (ValidationError, ModelLoadError) as exc:
+    problem = tracing_problem(tracing_config("deepserve", TRACING)) or device_problem(settings.device)
+    if problem:
+        raise ModelLoadError(problem)
+except ValidationError as exc:  # one line, naming each setting: DEEPSERVE_<FIELD>
+    shown = "; ".join(
+        f"DEEPSERVE_{'_'.join(map(str, e['loc'])).upper() or 'SETTINGS'}: {e['msg'].removeprefix('Value error, ')}"
+        for e in exc.errors()
+    )
+    raise SystemExit(f"deepserve cannot start: {shown}") from None
+except ModelLoadError as exc:
     raise SystemExit(f"deepserve cannot start: {exc}") from None
 logging.getLogger("deepserve").setLevel(settings.log_level)
 if listening_fd() is None:  # the `bentoml serve` process: its workers will know who started them
     os.environ["DEEPSERVE_SUPERVISOR_PID"] = str(os.getpid())
+    StartGuard(settings.max_worker_starts, os.getpid()).succeeded()  # a fresh count (pids are reused)
+else:  # a worker: count the start; a worker that keeps failing to start stops the server
+    starts = StartGuard(settings.max_worker_starts)
+    starts.begin()
 
 front = build_app(settings=settings)  # the core is bound in each worker, below
 app = getattr(front, "deepserve", front)
@@ -50,7 +69,7 @@ app = getattr(front, "deepserve", front)
     # deepserve applies its own request timeout, concurrency limit and CORS in the front
     # door; BentoML's timeout only wraps the probes it still serves
     traffic={"timeout": settings.request_timeout_s + 5},
-    tracing={"excluded_urls": PROBES},
+    tracing=TRACING,
     logging={"access": {"enabled": False}},  # deepserve writes its own (DEEPSERVE_ACCESS_LOG)
 )
 class DeepServe:
@@ -70,6 +89,7 @@ class DeepServe:
 
         self.drain.install()  # uvicorn's signal handlers are in place by now
         await self.core.warmup()
+        starts.succeeded()
         self.follower = app.follower = Follower(self.core, settings.manifest_poll_s)
         self.follower.start()  # every worker follows the manifest (new versions, rollbacks)
         self._watch = asyncio.get_running_loop().create_task(watch_supervisor(self.drain))

@@ -65,11 +65,34 @@ class Settings(BaseSettings):
     body_idle_timeout_s: float = Field(
         5.0, gt=0, le=600, description="a request body that makes no progress for this long gets 408"
     )
+    body_min_rate: int = Field(
+        1024,
+        ge=0,
+        description="bytes/s a request body must average after body_rate_grace_s, else 408 and the connection closes (0: off; nginx/Apache minrate)",
+    )
+    body_rate_grace_s: float = Field(
+        5.0,
+        ge=0,
+        le=600,
+        description="the time every body gets before body_min_rate applies (slow starts, TCP ramp-up)",
+    )
     keep_alive_s: int = Field(
         65,
         ge=1,
         le=3600,
         description="idle keep-alive connections are closed after this; longer than clients' and load balancers' idle timeouts, so the server never closes a connection a client is about to reuse",
+    )
+    drain_quiet_s: float = Field(
+        0.25,
+        ge=0.0,
+        le=60,
+        description="on SIGTERM, the queue and the handlers must stay empty this long before the worker closes its connections",
+    )
+    drain_fresh_connection_s: float = Field(
+        1.0,
+        ge=0.0,
+        le=60,
+        description="while draining, a connection accepted with no request yet counts as busy this long (a client that has just reconnected is writing one)",
     )
     graceful_shutdown_s: int = Field(
         10,
@@ -102,6 +125,12 @@ class Settings(BaseSettings):
     )
     admin_key_file: Path | None = Field(
         None, description="file holding the admin key (a mounted Secret); wins over DEEPSERVE_ADMIN_KEY"
+    )
+    max_worker_starts: int = Field(
+        5,
+        ge=1,
+        le=1000,
+        description="a worker that fails to start this many times in a row stops the server (no silent crash loop behind an open port)",
     )
     manifest_poll_s: float = Field(
         0.5, gt=0, le=60, description="how often each worker checks the manifest for a new active version"

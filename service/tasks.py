@@ -4,8 +4,11 @@ A model declares its task in its metadata; the task decides everything else: whi
 serves it and with which body, how a request is validated into a batch job, how jobs of
 many requests become one ONNX run (`forward`, in the model's batch thread), what is computed
 from the raw outputs (`finish`, also in the batch thread), how the answer is encoded, how
-the model is warmed up, and which metadata it needs. Nothing else in the service names a
-model: adding a model of an existing task is its files plus a manifest entry.
+the model is warmed up, and which metadata it needs. It also declares the tensor signatures
+a model is served with under the Open Inference Protocol (`signatures`: the model's own, and
+friendlier views such as text in, label out), with the same finish step (metrics, trust), so
+service.v2 names no task. Nothing else in the service names a model: adding a model of an
+existing task is its files plus a manifest entry.
 
 The batch-in/batch-out functions at the bottom (`classify_images`, `generate`, ...) are the
 same code `training.evaluate` measures the committed models with.
@@ -18,7 +21,7 @@ import binascii
 import math
 import secrets
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
@@ -67,12 +70,37 @@ class Answer:
     status: int = 200
 
 
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    dtype: str  # "float32" | "int64" | "uint8" (as in the metadata) | "bytes" (UTF-8 text)
+    shape: tuple[int, ...]  # -1 for a variable dimension (the first is the batch)
+
+
+@dataclass(frozen=True)
+class Signature:
+    """Tensors in and out of one model version under the Open Inference Protocol: the model's
+    own, or a friendlier view of it. `job` validates decoded input tensors (rows first) into
+    a job whose finish step gives the output tensors by name. It holds no model (a protocol
+    may keep it for as long as the version exists)."""
+
+    inputs: tuple[Tensor, ...]
+    outputs: tuple[Tensor, ...]
+    job: Callable[[Model, dict[str, np.ndarray], Any], Job]  # (model, tensors, settings) -> Job
+    max_width: int = 0  # columns allowed in a variable second dimension (token ids); 0: none
+
+
+def own_tensors(specs: Sequence[md.TensorSpec]) -> tuple[Tensor, ...]:
+    """Metadata tensor specs -> Tensors (named dimensions are variable: -1)."""
+    return tuple(Tensor(s.name, s.dtype, tuple(d if isinstance(d, int) else -1 for d in s.shape)) for s in specs)
+
+
 class Context(Protocol):
     """What a task may ask of the HTTP layer while it parses a request."""
 
     settings: Any
 
-    async def decode_images(self, files: list[bytes], invert: str) -> np.ndarray: ...
+    async def decode_images(self, files: list[bytes], pre) -> np.ndarray: ...
 
 
 class Task:
@@ -112,6 +140,18 @@ class Task:
     def describe(self, model: Model) -> dict:
         """Task-specific lines of /models (labels, codec, calibration, ...)."""
         return {}
+
+    # Tensors in, tensors out (the Open Inference Protocol, service.v2)
+
+    def signatures(self, model: Model) -> dict[str, Signature]:
+        """The model's tensor signatures: "" is its own (as its metadata declares it), any
+        other key a view served as `<model>_<key>`."""
+        return {"": Signature(own_tensors(model.meta.inputs), own_tensors(model.meta.outputs), self.tensor_job)}
+
+    def tensor_job(self, model: Model, tensors: dict[str, np.ndarray], s=None) -> Job:
+        """A job from the model's own input tensors (already checked against its signature);
+        its finish step gives the raw outputs."""
+        return Job(tensors, len(next(iter(tensors.values()))))
 
     # The contract, for the generated OpenAPI document and BentoML's /schema.json
     client_method: ClassVar[str]  # the method name BentoML's client gets
@@ -157,17 +197,30 @@ def _expect(model: Model, kind: str, names: dict[str, str], optional: dict[str, 
 # --------------------------------------------------------------------------- classification
 
 
-def _classifications(model: Model, probs: np.ndarray, top_k: int) -> list[dict]:
+def observe_trust(model: Model, top1: list[float], verdicts: list[bool] | None) -> None:
+    """The metrics of a classifier's finish step, whatever the protocol: each row's top-1
+    probability (deepserve_prediction_confidence) and whether it looked like the training
+    data (deepserve_predictions_total{in_distribution}; not counted without a detector)."""
+    metrics.aggregate.observe_many("confidence", (model.name,), top1)
+    if verdicts is not None:
+        flagged = verdicts.count(False)
+        if flagged:
+            metrics.aggregate.inc("ood", (model.name, "false"), flagged)
+        if len(verdicts) > flagged:
+            metrics.aggregate.inc("ood", (model.name, "true"), len(verdicts) - flagged)
+
+
+def _classifications(model: Model, probs: np.ndarray, top_k: int, verdicts: list[bool] | None) -> list[dict]:
     """(N, C) probabilities -> one answer per row (sorted once for the whole batch, and
     built from Python numbers: per-row numpy calls cost more than the model here)."""
     labels = model.meta.labels
     k = min(top_k, len(labels))
     order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
     top = np.round(np.take_along_axis(probs, order, axis=1).astype(np.float64), 6).tolist()
+    observe_trust(model, [p[0] for p in top], verdicts)
     out = []
     for idx, p in zip(order.tolist(), top):
         best = idx[0]
-        metrics.aggregate.observe("confidence", (model.name,), p[0])
         out.append(
             {
                 "model": model.name,
@@ -181,14 +234,6 @@ def _classifications(model: Model, probs: np.ndarray, top_k: int) -> list[dict]:
     return out
 
 
-def _count_ood(model: Model, results: list[dict]) -> None:
-    flagged = sum(1 for r in results if not r["in_distribution"])
-    if flagged:
-        metrics.aggregate.inc("ood", (model.name, "false"), flagged)
-    if len(results) > flagged:
-        metrics.aggregate.inc("ood", (model.name, "true"), len(results) - flagged)
-
-
 def calibrated(model: Model, logits: np.ndarray) -> np.ndarray:
     """The probabilities clients get: softmax(logits / T), T fitted on the validation split
     (service.ood); uncalibrated where the metadata has no calibration."""
@@ -196,6 +241,33 @@ def calibrated(model: Model, logits: np.ndarray) -> np.ndarray:
     if cal is None:
         return pp.softmax(logits)
     return ood.calibrated_probabilities(logits, cal.temperature, cal.label_smoothing)
+
+
+def input_png(image: np.ndarray) -> str:
+    """A (28, 28) model input in [0, 1] -> base64 PNG (return_input)."""
+    return base64.b64encode(pp.png_bytes(image)).decode()
+
+
+class _Classifier(Task):
+    """What the image and text classifiers share: the trust step (calibrated probabilities, a
+    score and an in-distribution verdict per row) and, under the Open Inference Protocol, a
+    finish step with the same metrics as their own routes'."""
+
+    def trust(self, model: Model, inputs: Any, out: dict[str, np.ndarray]) -> tuple:
+        """A batch's raw outputs -> (calibrated probabilities (N, C), each row's trust score,
+        each row's verdict (None without a detector))."""
+        raise NotImplementedError
+
+    def tensor_finish(self, model: Model, inputs: Any, tensors=None) -> Callable:
+        """The finish step of a tensor job: the trust metrics, then the raw outputs (or
+        `tensors(probabilities)`, a view's outputs)."""
+
+        def finish(out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            probs, _, verdicts = self.trust(model, inputs, out)
+            observe_trust(model, np.round(probs.max(1).astype(np.float64), 6).tolist(), verdicts)
+            return out if tensors is None else tensors(probs)
+
+        return finish
 
 
 def _reject_ood(results: list[dict], many: bool, score: str) -> None:
@@ -212,10 +284,10 @@ def _reject_ood(results: list[dict], many: bool, score: str) -> None:
 
 
 @register
-class ImageClassification(Task):
+class ImageClassification(_Classifier):
     name = "image-classification"
     route, body = "/classify", "multipart"
-    fields = frozenset({"top_k", "reject_ood"})
+    fields = frozenset({"top_k", "reject_ood", "return_input"})
     summary = "Classify images: one or more `image` files (multipart)"
 
     def max_rows(self, s) -> int:
@@ -231,34 +303,49 @@ class ImageClassification(Task):
     def warmup(self, model: Model) -> Job:
         return self.job(model, np.zeros((1, pp.IMAGE_SIZE, pp.IMAGE_SIZE), np.float32), 3)
 
+    def trust(self, model: Model, inputs: Any, out: dict[str, np.ndarray]) -> tuple:
+        probs, ood = calibrated(model, out["logits"]), model.meta.ood
+        if ood is None:
+            return probs, None, None
+        scores = out[ood.output]  # (N,), computed by the ONNX graph
+        return probs, scores.tolist(), (scores <= ood.threshold).tolist()
+
     def job(self, model: Model, images: np.ndarray, top_k: int) -> Job:
         pre = model.meta.preprocessing
         x = pp.normalize(images, pre.mean, pre.std)[:, None]  # (N, 1, 28, 28)
 
         def finish(out: dict[str, np.ndarray]) -> list[dict]:
-            results = _classifications(model, calibrated(model, out["logits"]), top_k)
-            if model.meta.ood:
-                for r, s in zip(results, out[model.meta.ood.output]):
-                    r["ood_score"] = round(float(s), 4)
-                    r["in_distribution"] = bool(s <= model.meta.ood.threshold)
-                _count_ood(model, results)
+            probs, scores, verdicts = self.trust(model, None, out)
+            results = _classifications(model, probs, top_k, verdicts)
+            if scores is not None:
+                for r, s, v in zip(results, scores, verdicts):
+                    r["ood_score"] = round(s, 4)
+                    r["in_distribution"] = v
             return results
 
         return Job({"image": x}, len(x), finish)
+
+    def tensor_job(self, model: Model, tensors: dict[str, np.ndarray], s=None) -> Job:
+        return Job(tensors, len(tensors["image"]), self.tensor_finish(model, None))
 
     async def parse(self, body: Body, model: Model, ctx: Context) -> Job:
         if not body.files:
             raise ApiError(400, "no file field 'image' in the form", "missing_image")
         top_k = int_field(body.fields.get("top_k"), "top_k", 1, 10, default=3)
-        images = await ctx.decode_images(body.files, model.meta.preprocessing.invert)
+        images = await ctx.decode_images(body.files, model.meta.preprocessing)
         job = self.job(model, images, top_k)
         job.info["many"] = len(body.files) > 1
         job.info["reject_ood"] = bool_field(body.fields.get("reject_ood"), "reject_ood")
+        if bool_field(body.fields.get("return_input"), "return_input"):
+            job.info["inputs"] = images
         return job
 
     def answer(self, model: Model, job: Job, result: list[dict]) -> Answer:
         if job.info["reject_ood"]:
             _reject_ood(result, job.info["many"], "ood_score")
+        if "inputs" in job.info:
+            for r, image in zip(result, job.info["inputs"]):
+                r["input_png"] = input_png(image)
         return Answer({"results": result} if job.info["many"] else result[0])
 
     def describe(self, model: Model) -> dict:
@@ -271,6 +358,7 @@ class ImageClassification(Task):
             "image": {"type": "array", "items": IMAGE_FILE, "minItems": 1, "maxItems": s.max_images},
             "top_k": {"type": "integer", "minimum": 1, "maximum": 10, "default": 3},
             "reject_ood": REJECT_OOD,
+            "return_input": RETURN_INPUT,
         }, ["image"]
 
 
@@ -278,6 +366,11 @@ IMAGE_FILE = {
     "type": "string",
     "format": "binary",
     "description": "PNG, JPEG, GIF, BMP, WebP or TIFF; grey or colour; any size up to the pixel limits",
+}
+RETURN_INPUT = {
+    "type": "boolean",
+    "default": False,
+    "description": "also answer the 28×28 image the model received (after framing), as a base64 PNG (`input_png`)",
 }
 REJECT_OOD = {
     "type": "boolean",
@@ -287,7 +380,7 @@ REJECT_OOD = {
 
 
 @register
-class TextClassification(Task):
+class TextClassification(_Classifier):
     name = "text-classification"
     route, body = "/classify", "json"
     fields = frozenset({"text", "texts", "top_k", "reject_ood"})
@@ -313,20 +406,60 @@ class TextClassification(Task):
     def warmup(self, model: Model) -> Job:
         return self.job(model, [[pp.UNK]], 2)
 
+    def trust(self, model: Model, sequences: list[list[int]], out: dict[str, np.ndarray]) -> tuple:
+        rates = [sum(t == pp.UNK for t in seq) / len(seq) for seq in sequences]
+        ood = model.meta.ood
+        return calibrated(model, out["logits"]), rates, ([r <= ood.threshold for r in rates] if ood else None)
+
     def job(self, model: Model, sequences: list[list[int]], top_k: int) -> Job:
         def finish(out: dict[str, np.ndarray]) -> list[dict]:
-            results = _classifications(model, calibrated(model, out["logits"]), top_k)
-            ood = model.meta.ood
-            for r, seq in zip(results, sequences):
-                rate = sum(t == pp.UNK for t in seq) / len(seq)
-                r["unknown_token_rate"] = round(rate, 4)
-                if ood:
-                    r["in_distribution"] = rate <= ood.threshold
-            if ood:
-                _count_ood(model, results)
+            probs, rates, verdicts = self.trust(model, sequences, out)
+            results = _classifications(model, probs, top_k, verdicts)
+            for i, r in enumerate(results):
+                r["unknown_token_rate"] = round(rates[i], 4)
+                if verdicts is not None:
+                    r["in_distribution"] = verdicts[i]
             return results
 
         return Job(sequences, len(sequences), finish)
+
+    def signatures(self, model: Model) -> dict[str, Signature]:
+        own, classes = super().signatures(model)[""], len(model.meta.labels)
+        text = Signature(
+            (Tensor("text", "bytes", (-1,)),),
+            (Tensor("probabilities", "float32", (-1, classes)), Tensor("label", "bytes", (-1,))),
+            self.text_job,
+        )
+        return {"": replace(own, max_width=model.meta.preprocessing.max_tokens), "text": text}
+
+    def tensor_job(self, model: Model, tensors: dict[str, np.ndarray], s=None) -> Job:
+        """Token ids (B, T) and lengths (B,) -> the id lists /classify would have made."""
+        tokens, lengths = tensors["tokens"], tensors["lengths"]
+        if np.any(lengths < 1) or np.any(lengths > tokens.shape[1]):
+            raise ApiError(400, f"lengths must be between 1 and {tokens.shape[1]} (the tokens' width)", "bad_tensor")
+        vocab = len(model.meta.vocabulary)
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):
+            raise ApiError(400, f"token ids must be between 0 and {vocab - 1}", "bad_tensor")
+        sequences = [row[:n].tolist() for row, n in zip(tokens, lengths)]
+        return Job(sequences, len(sequences), self.tensor_finish(model, sequences))
+
+    def text_job(self, model: Model, tensors: dict[str, np.ndarray], s) -> Job:
+        """UTF-8 texts (a BYTES tensor) -> probabilities and labels, checked as /classify checks them."""
+        texts = []
+        for i, item in enumerate(tensors["text"]):
+            try:
+                text = item.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ApiError(400, f"text[{i}] is not UTF-8", "bad_tensor") from None
+            check_text(text, f"text[{i}]", s)
+            texts.append(text)
+        sequences = self.encode(model, texts)
+        labels = np.array([x.encode() for x in model.meta.labels], dtype=object)
+
+        def tensors(probs: np.ndarray) -> dict[str, np.ndarray]:
+            return {"probabilities": probs, "label": labels[probs.argmax(1)]}
+
+        return Job(sequences, len(sequences), self.tensor_finish(model, sequences, tensors))
 
     async def parse(self, body: Body, model: Model, ctx: Context) -> Job:
         payload, s = body.fields, ctx.settings
@@ -337,17 +470,7 @@ class TextClassification(Task):
         if many and (not isinstance(texts, list) or not 1 <= len(texts) <= s.max_texts):
             raise ApiError(400, f"texts must be a list of 1 to {s.max_texts} strings", "bad_field")
         for i, text in enumerate(texts):
-            label = f"texts[{i}]" if many else "text"
-            str_field(text, label)
-            if len(text) > s.max_text_chars:
-                raise ApiError(
-                    413,
-                    f"{label} is {len(text)} characters; the limit is {s.max_text_chars}",
-                    "text_too_long",
-                    limit=s.max_text_chars,
-                )
-            if not text.strip():
-                raise ApiError(400, f"{label} is empty or only whitespace", "empty_text")
+            check_text(text, f"texts[{i}]" if many else "text", s)
         top_k = int_field(payload.get("top_k"), "top_k", 1, 10, default=2)
         job = self.job(model, self.encode(model, texts), top_k)
         job.info.update(many=many, reject_ood=bool_field(payload.get("reject_ood"), "reject_ood"))
@@ -371,6 +494,21 @@ class TextClassification(Task):
             "top_k": {"type": "integer", "minimum": 1, "maximum": 10, "default": 2},
             "reject_ood": REJECT_OOD,
         }, []
+
+
+def check_text(text, label: str, s) -> None:
+    """One text of a request, on every protocol: a string of at most max_text_chars (413 with
+    the limit) holding something besides whitespace."""
+    str_field(text, label)
+    if len(text) > s.max_text_chars:
+        raise ApiError(
+            413,
+            f"{label} is {len(text)} characters; the limit is {s.max_text_chars}",
+            "text_too_long",
+            limit=s.max_text_chars,
+        )
+    if not text.strip():
+        raise ApiError(400, f"{label} is empty or only whitespace", "empty_text")
 
 
 # --------------------------------------------------------------------------- generation
@@ -535,20 +673,23 @@ class ConditionalGeneration(Task):
 
 class _OneImage(Task):
     body = "multipart"
+    fields = frozenset({"return_input"})
 
     def max_rows(self, s) -> int:  # one image per HTTP request; up to max_images rows through /v2
         return s.max_images
 
     def properties(self, s, models):
-        return {"image": IMAGE_FILE}, ["image"]
+        return {"image": IMAGE_FILE, "return_input": RETURN_INPUT}, ["image"]
 
-    async def one_image(self, body: Body, model: Model, ctx: Context) -> np.ndarray:
+    async def one_image(self, body: Body, model: Model, ctx: Context) -> tuple[np.ndarray, dict]:
+        """The upload as the model's (1, 1, 28, 28) input, and the job info it implies."""
         if len(body.files) != 1:
             if not body.files:
                 raise ApiError(400, "no file field 'image' in the form", "missing_image")
             raise ApiError(400, f"send exactly one image, got {len(body.files)}", "bad_field")
-        images = await ctx.decode_images(body.files, model.meta.preprocessing.invert)
-        return images[:, None]  # (1, 1, 28, 28)
+        images = await ctx.decode_images(body.files, model.meta.preprocessing)
+        wanted = bool_field(body.fields.get("return_input"), "return_input")
+        return images[:, None], ({"inputs": images} if wanted else {})
 
 
 @register
@@ -571,19 +712,23 @@ class Compression(_OneImage):
         return self.job(model, np.zeros((1, 1, pp.IMAGE_SIZE, pp.IMAGE_SIZE), np.float32))
 
     async def parse(self, body: Body, model: Model, ctx: Context) -> Job:
-        return self.job(model, await self.one_image(body, model, ctx))
+        images, info = await self.one_image(body, model, ctx)
+        job = self.job(model, images)
+        job.info.update(info)
+        return job
 
     def answer(self, model: Model, job: Job, codes: list[bytes]) -> Answer:
         n, size = len(codes[0]), pp.IMAGE_SIZE * pp.IMAGE_SIZE
-        return Answer(
-            {
-                "code": base64.b64encode(codes[0]).decode(),
-                "bytes": n,
-                "original_bytes": size,
-                "ratio": round(size / n, 2),
-                "model_version": model.version,
-            }
-        )
+        body = {
+            "code": base64.b64encode(codes[0]).decode(),
+            "bytes": n,
+            "original_bytes": size,
+            "ratio": round(size / n, 2),
+            "model_version": model.version,
+        }
+        if "inputs" in job.info:
+            body["input_png"] = input_png(job.info["inputs"][0])
+        return Answer(body)
 
     def describe(self, model: Model) -> dict:
         return {"codec": model.meta.codec.model_dump(), "pair": model.meta.pair}
@@ -663,10 +808,16 @@ class Denoising(_OneImage):
         return self.job(np.zeros((1, 1, pp.IMAGE_SIZE, pp.IMAGE_SIZE), np.float32))
 
     async def parse(self, body: Body, model: Model, ctx: Context) -> Job:
-        return self.job(await self.one_image(body, model, ctx))
+        images, info = await self.one_image(body, model, ctx)
+        job = self.job(images)
+        job.info.update(info)
+        return job
 
     def answer(self, model: Model, job: Job, images: np.ndarray) -> Answer:
-        return Answer(pp.png_bytes(images[0]), "image/png", {"X-Model-Version": model.version})
+        headers = {"X-Model-Version": model.version}
+        if "inputs" in job.info:  # the answer is the PNG itself: what the model saw rides in a header
+            headers["X-Model-Input"] = input_png(job.info["inputs"][0])
+        return Answer(pp.png_bytes(images[0]), "image/png", headers)
 
     client_method, response = "denoise", "png"
 

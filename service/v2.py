@@ -3,10 +3,14 @@
 Every served model is there under its name with its ONNX signature: normalized inputs and
 raw outputs exactly as its metadata declares (variable dimensions as -1), plus views that
 reuse a model's batcher and version with a friendlier signature (`sentiment_text`: text in,
-probabilities and label out, tokenized by the same code as /classify). Requests go through
-the same batchers, limits, API key, metrics, shedding and drain as every other model
-endpoint: rows are capped by the matching endpoint's limit, element counts are checked
-against shapes before anything is allocated, and a request of 64 rows is one batch item.
+probabilities and label out, tokenized by the same code as /classify). Both come from the
+model's task (`Task.signatures`) for the version asked for: a pinned version is described
+and run with its own signature. This module only decodes tensors and encodes them;
+service.dataplane runs the request, as for every other model endpoint: the same version
+resolution, batchers, limits, API key, shedding, drain, timings and finish step (the
+classifiers' confidence and in-distribution metrics). Rows are capped by the matching
+endpoint's limit, element counts are checked against shapes before anything is allocated,
+and a request of 64 rows is one batch item.
 
 JSON tensors and the binary tensor data extension (`Inference-Header-Content-Length`,
 `binary_data_size`, `binary_data_output`, BYTES as 4-byte little-endian length prefixes)
@@ -25,12 +29,13 @@ from typing import Any
 import numpy as np
 import orjson
 
+from service import dataplane, tasks
 from service.errors import ApiError, shown
-from service.metadata import TensorSpec
+from service.httpkit import Response, Route, json_response, parse_json
 from service.runtime import Model
-from service.tasks import TASKS, Job, TextClassification, calibrated
+from service.tasks import TASKS, Job
 
-DATATYPES = {"float32": "FP32", "int64": "INT64", "uint8": "UINT8"}
+DATATYPES = {"float32": "FP32", "int64": "INT64", "uint8": "UINT8", "bytes": "BYTES"}
 NUMPY = {
     "FP32": np.float32,
     "INT64": np.int64,
@@ -59,84 +64,36 @@ class Tensor:
 
 @dataclass
 class View:
-    """What /v2 serves under one name: a model's own signature, or a view of it."""
+    """What /v2 serves under one name at one model version: the model's own signature, or a
+    view of it (`<model>_<key>`)."""
 
     name: str
     model: str  # the underlying model (its batcher and version)
     inputs: list[Tensor]
     outputs: list[Tensor]
-    to_job: Callable[[Model, dict[str, np.ndarray], Any], Job]
-    max_seq: int | None = None  # for a variable second dimension (token ids)
+    to_job: Callable[[Model, dict[str, np.ndarray], Any], Job]  # (model, tensors, settings)
+    max_seq: int = 0  # for a variable second dimension (token ids)
 
 
-def _tensor(spec: TensorSpec) -> Tensor:
-    return Tensor(spec.name, DATATYPES[spec.dtype], [d if isinstance(d, int) else -1 for d in spec.shape])
-
-
-def views(core) -> dict[str, View]:
-    """Every /v2 name this worker serves (models at their active version, and views)."""
+def names(core) -> dict[str, tuple[str, str]]:
+    """Every /v2 name this worker serves -> (model, signature key), from the active versions."""
     out = {}
     for name, model in core.models.items():
-        task = TASKS[model.task]
-        raw = View(
-            name,
-            name,
-            [_tensor(s) for s in model.meta.inputs],
-            [_tensor(s) for s in model.meta.outputs],
-            _raw_job(task),
-        )
-        if model.task == TextClassification.name:
-            raw.max_seq = model.meta.preprocessing.max_tokens
-            out[f"{name}_text"] = View(
-                f"{name}_text",
-                name,
-                [Tensor("text", "BYTES", [-1])],
-                [Tensor("probabilities", "FP32", [-1, len(model.meta.labels)]), Tensor("label", "BYTES", [-1])],
-                _text_job,
-            )
-        out[name] = raw
+        for key in TASKS[model.task].signatures(model):
+            out[f"{name}_{key}" if key else name] = (name, key)
     return out
 
 
-def _raw_job(task) -> Callable:
-    def job(model: Model, feeds: dict[str, np.ndarray], s) -> Job:
-        if task.name == TextClassification.name:  # tokens (B, T) + lengths (B,) -> id lists
-            tokens, lengths = feeds["tokens"], feeds["lengths"]
-            if np.any(lengths < 1) or np.any(lengths > tokens.shape[1]):
-                raise ApiError(
-                    400, f"lengths must be between 1 and {tokens.shape[1]} (the tokens' width)", "bad_tensor"
-                )
-            vocab = len(model.meta.vocabulary)
-            if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):
-                raise ApiError(400, f"token ids must be between 0 and {vocab - 1}", "bad_tensor")
-            return Job([row[:n].tolist() for row, n in zip(tokens, lengths)], len(lengths))
-        return Job(feeds, len(next(iter(feeds.values()))))
+def view(model: Model, name: str, key: str) -> View | None:
+    """The view `name` of this model version (None if this version has no such signature)."""
+    sig = TASKS[model.task].signatures(model).get(key)
+    if sig is None:
+        return None
 
-    return job
+    def wire(t: tasks.Tensor) -> Tensor:
+        return Tensor(t.name, DATATYPES[t.dtype], list(t.shape))
 
-
-def _text_job(model: Model, feeds: dict[str, np.ndarray], s) -> Job:
-    texts = []
-    for i, raw in enumerate(feeds["text"]):
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise ApiError(400, f"text[{i}] is not UTF-8", "bad_tensor") from None
-        if len(text) > s.max_text_chars:
-            raise ApiError(
-                413, f"text[{i}] is {len(text)} characters; the limit is {s.max_text_chars}", "text_too_long"
-            )
-        if not text.strip():
-            raise ApiError(400, f"text[{i}] is empty or only whitespace", "empty_text")
-        texts.append(text)
-    sequences = TASKS[model.task].encode(model, texts)
-    labels = model.meta.labels
-
-    def finish(out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        probs = calibrated(model, out["logits"])
-        return {"probabilities": probs, "label": np.array([labels[i].encode() for i in probs.argmax(1)], dtype=object)}
-
-    return Job(sequences, len(sequences), finish)
+    return View(name, model.name, [wire(t) for t in sig.inputs], [wire(t) for t in sig.outputs], sig.job, sig.max_width)
 
 
 # --------------------------------------------------------------------------- decoding
@@ -151,8 +108,6 @@ def parse_request(body: bytes, header_length: str) -> tuple[dict, bytes]:
         head, binary = body[:n], body[n:]
     else:
         head, binary = body, b""
-    from service.app import parse_json
-
     payload = parse_json(head)
     if not isinstance(payload, dict):
         raise ApiError(400, "the inference request must be a JSON object", "bad_json")
@@ -354,30 +309,39 @@ TEMPLATES = ("", "/ready", "/config", "/infer")
 
 
 def install(app) -> None:
-    from service.app import Response, Route, json_response
+    tables: dict[tuple, dict[str, tuple[str, str]]] = {}
+    views: dict[tuple[str, str, str], View | None] = {}  # (model, version, name) -> its view
 
-    def error(status: int, message: str, reason: str):
-        return ApiError(status, message, reason)
-
-    cache: dict[tuple, dict[str, View]] = {}
-
-    def current(req) -> tuple[Any, dict[str, View]]:
+    def lookup(name: str) -> tuple[str, str]:
+        """The model and signature key behind a /v2 name (404 before any body is read)."""
         core = app.core
         if core is None:
-            raise error(503, "deepserve is starting: models are not loaded yet", "not_ready")
+            raise ApiError(503, "deepserve is starting: models are not loaded yet", "not_ready")
         key = tuple((n, m.version) for n, m in core.models.items())  # changes when a version is swapped in
-        if key not in cache:
-            cache.clear()
-            cache[key] = views(core)
-        return core, cache[key]
+        if key not in tables:
+            tables.clear()
+            tables[key] = names(core)
+        table = tables[key]
+        if name not in table:
+            raise ApiError(404, f"unknown model {shown(name)}; served: {sorted(table)}", "not_served")
+        return table[name]
 
-    def find(req, name: str, version: str | None) -> tuple[View, Model, Any]:
-        core, table = current(req)
-        view = table.get(name)
-        if view is None:
-            raise error(404, f"unknown model {shown(name)}; served: {sorted(table)}", "not_served")
-        model, batcher = core.resolve(view.model, version)
-        return view, model, batcher
+    def view_of(model: Model, name: str, key: str) -> View:
+        """The view of the resolved version: its own signature, pinned or active."""
+        cached = (model.name, model.version, name)
+        if cached not in views:
+            if len(views) > 256:  # versions come and go: keep what is in use
+                views.clear()
+            views[cached] = view(model, name, key)
+        found = views[cached]
+        if found is None:
+            raise ApiError(404, f"version {model.version} of {model.name!r} has no view {shown(name)}", "not_served")
+        return found
+
+    def find(name: str, version: str | None) -> tuple[View, Model]:
+        model_name, key = lookup(name)
+        model, _ = app.core.resolve(model_name, version)
+        return view_of(model, name, key), model
 
     async def server_metadata(req) -> Response:
         return json_response({"name": "deepserve", "version": "0.2.0", "extensions": EXTENSIONS})
@@ -391,7 +355,7 @@ def install(app) -> None:
 
     async def model_metadata(req, name: str, version: str | None = None) -> Response:
         app.check_api_key(req)
-        view, model, _ = find(req, name, version)
+        view, model = find(name, version)
         return json_response(
             {
                 "name": view.name,
@@ -404,13 +368,13 @@ def install(app) -> None:
 
     async def model_ready(req, name: str, version: str | None = None) -> Response:
         app.check_api_key(req)
-        view, model, _ = find(req, name, version)
+        view, model = find(name, version)
         ok = app.core.ready and not (app.drain is not None and app.drain.draining)
         return json_response({"name": view.name, "ready": ok}, 200 if ok else 503)
 
     async def model_config(req, name: str, version: str | None = None) -> Response:
         app.check_api_key(req)
-        view, model, _ = find(req, name, version)
+        view, model = find(name, version)
         s = app.settings
         rows = TASKS[model.task].max_rows(s)
 
@@ -432,32 +396,33 @@ def install(app) -> None:
         )
 
     async def infer(req, name: str, version: str | None = None) -> Response:
-        view, model, batcher = find(req, name, version)
+        model_name, key = lookup(name)
         s = app.settings
         body = await req.body(s.max_body_bytes)
         if len(body) > 65536:
             payload, binary = await app.offload(parse_request, body, req.header("inference-header-content-length"))
         else:
             payload, binary = parse_request(body, req.header("inference-header-content-length"))
-        started = time.perf_counter()
-        feeds = decode_inputs(view, payload, binary, TASKS[model.task].max_rows(s))
-        job = view.to_job(model, feeds, s)
-        req.timings["decode"] = time.perf_counter() - started
-        batcher.admit(job.rows)
-        async with app.work():
-            outputs = await batcher.submit(job, job.rows, req.alive, time.perf_counter() - req.start)
-        req.timings["queue"], req.timings["infer"] = job.queued_s, job.infer_s
-        started = time.perf_counter()
-        head, blob = encode_outputs(view, payload, outputs)
-        if "id" in payload:
-            head["id"] = payload["id"]
-        head["model_version"] = model.version
-        text = orjson.dumps(head)
-        req.timings["encode"] = time.perf_counter() - started
-        if blob:
-            headers = [(b"inference-header-content-length", str(len(text)).encode())]
-            return Response(200, text + blob, "application/octet-stream", headers)
-        return Response(200, text, "application/json")
+
+        async def decode(model: Model) -> Job:
+            started = time.perf_counter()
+            v = view_of(model, name, key)
+            job = v.to_job(model, decode_inputs(v, payload, binary, TASKS[model.task].max_rows(s)), s)
+            req.timings["decode"] = time.perf_counter() - started
+            return job
+
+        def encode(model: Model, job: Job, outputs: dict[str, np.ndarray]) -> Response:
+            head, blob = encode_outputs(view_of(model, name, key), payload, outputs)
+            if "id" in payload:
+                head["id"] = payload["id"]
+            head["model_version"] = model.version
+            text = orjson.dumps(head)
+            if blob:
+                headers = [(b"inference-header-content-length", str(len(text)).encode())]
+                return Response(200, text + blob, "application/octet-stream", headers)
+            return Response(200, text, "application/json")
+
+        return await dataplane.infer(app, req, model_name, version, decode, encode)
 
     app.add("/v2", server_metadata)
     app.add("/v2/health/live", live)

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import socket
 import time
 from pathlib import Path
@@ -198,3 +199,35 @@ async def watch_supervisor(drain, interval_s: float = 1.0) -> None:
             drain.start()
             return
         await asyncio.sleep(interval_s)
+
+
+class StartGuard:
+    """Bounds a worker crash loop: BentoML respawns a worker that dies while starting, forever,
+    behind a port that accepts connections and never answers. Each worker start is counted in
+    a file shared by the server's workers (keyed by the supervisor's pid); a worker that is
+    ready resets it; the start after `limit` failed ones in a row stops the whole server (SIGTERM
+    to the supervisor) with one clear log line instead."""
+
+    def __init__(self, limit: int, supervisor: int | None = None):
+        import tempfile
+
+        self.limit = limit
+        self.supervisor = supervisor or int(os.environ.get("DEEPSERVE_SUPERVISOR_PID") or os.getppid())
+        self.path = Path(tempfile.gettempdir()) / f"deepserve-starts-{self.supervisor}"
+
+    def begin(self) -> None:
+        with open(self.path, "ab") as f:
+            f.write(b"x")
+            failed = f.tell() - 1
+        if failed >= self.limit:
+            log.error(
+                "deepserve: workers failed to start %d times in a row (see the errors above); stopping the server",
+                failed,
+            )
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(self.supervisor, signal.SIGTERM)
+            raise SystemExit(3)
+
+    def succeeded(self) -> None:
+        with contextlib.suppress(OSError):
+            self.path.write_bytes(b"")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,16 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "tests" / "fixtures"
 EXPORTED = REPO / "exported"
+
+
+def require_tools(*tools: str):
+    """A mark for tests that need system tools: under CI (CI=true) a missing tool fails the run
+    (a collection error, never a silent skip); elsewhere the tests skip naming `make tools`."""
+    missing = [t for t in tools if shutil.which(t) is None]
+    reason = f"{', '.join(missing)} not installed: `make tools` installs it from Debian's packages"
+    if missing and os.environ.get("CI"):
+        raise RuntimeError(f"CI: {reason}")
+    return pytest.mark.skipif(bool(missing), reason=reason)
 
 
 def manifest() -> dict:

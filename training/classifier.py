@@ -89,7 +89,9 @@ def _affine(x: torch.Tensor, gen: torch.Generator, rot: float, shear: float, sca
     u = lambda lo, hi: lo + (hi - lo) * torch.rand(b, generator=gen)
     a, sh, sc = u(-rot, rot), u(-shear, shear), u(*scale)
     cos, sin = torch.cos(a) / sc, torch.sin(a) / sc
-    theta = torch.stack([torch.stack([cos, -sin + sh, torch.zeros(b)], 1), torch.stack([sin, cos, torch.zeros(b)], 1)], 1)
+    theta = torch.stack(
+        [torch.stack([cos, -sin + sh, torch.zeros(b)], 1), torch.stack([sin, cos, torch.zeros(b)], 1)], 1
+    )
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
 
@@ -205,7 +207,9 @@ def training_wild(cfg: Config, images: np.ndarray, labels: np.ndarray, n: int):
     """n renderings of the training split (never validation or test), framed as served; cached."""
     cache = None if cfg.dry_run else common.RUNS / "wild" / f"{cfg.dataset}-train-{n}-{cfg.seed}.npz"
     print(f"rendering {n} wild {cfg.dataset} training images ({', '.join(WILD_FAMILIES[cfg.dataset])})", flush=True)
-    return wild.framed_set(images, labels, WILD_FAMILIES[cfg.dataset], n, 10_000 + cfg.seed, FRAMING[cfg.dataset], cache)
+    return wild.framed_set(
+        images, labels, WILD_FAMILIES[cfg.dataset], n, 10_000 + cfg.seed, FRAMING[cfg.dataset], cache
+    )
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:

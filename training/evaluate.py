@@ -60,6 +60,7 @@ def eval_classifier(name: str, ctx: dict) -> dict:
     trust = eval_image_trust(name, model, pp.scale_pixels(images), labels, ctx)
     return {
         **trust,
+        **eval_wild(name, model, ctx),
         "test_accuracy": float((pred == labels).mean()),
         "test_examples": int(len(labels)),
         "per_class_accuracy": {
@@ -98,6 +99,30 @@ def eval_image_trust(name: str, model, x: np.ndarray, labels: np.ndarray, ctx: d
                 out[f"auroc_{key}"] = ood.auroc(scores["test"], v)
                 out[f"false_accept_rate_{key}"] = ood.false_accept_rate(v, threshold)
         out["false_reject_rate_test"] = ood.false_reject_rate(scores["test"], threshold)
+    return out
+
+
+def eval_wild(name: str, model, ctx: dict) -> dict:
+    """The wild suites (training.wild_eval) through the served preprocessing: this version, the
+    previous one as it served them (its own rule), and the previous one with this framing (what
+    framing alone gives); the most confident mistakes as the model saw them in a picture."""
+    from training import wild_eval
+
+    n = min(ctx["limit"] or 1000, 1000)
+    now, seen = wild_eval.evaluate(model, name, ctx["data_dir"], n, keep=True)
+    out = {"wild": now}
+    previous = ctx.get("previous", {}).get(name)
+    if previous is not None:
+        out["wild_previous"] = {"version": previous.version, **wild_eval.evaluate(previous, name, ctx["data_dir"], n)}
+        framing = model.meta.preprocessing.framing
+        if framing != previous.meta.preprocessing.framing:
+            out["wild_previous_framed"] = wild_eval.evaluate(previous, name, ctx["data_dir"], n, framing=framing)
+    grid, names = wild_eval.worst_failures(seen)
+    save_grid(grid, ctx["img_dir"] / f"{name}_wild_failures.png", cols=10)
+    out["wild_failures_rows"] = names
+    for key, r in now.items():
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in r.items() if k != "n")
+        print(f"{name} wild {key:18s} {shown}", flush=True)
     return out
 
 
@@ -150,11 +175,31 @@ def eval_sentiment(name: str, ctx: dict) -> dict:
         trust["dev_flagged_out_of_distribution"] = float(np.mean(rates > model.meta.ood.threshold))
     return {
         **trust,
+        **eval_text_wild(model, sentences, labels),
         "dev_accuracy": float((pred == labels).mean()),
         "dev_examples": int(len(labels)),
         "vocabulary_size": len(model.meta.vocabulary),
         "unknown_token_rate": float(np.mean([t == pp.UNK for s in seqs for t in s])),
     }
+
+
+def eval_text_wild(model, dev: list[str], dev_labels: np.ndarray) -> dict:
+    """Text as people write it (training.wild): SST-2 dev rewritten with capitals, joined
+    contractions, "!!!", elongated words, entities, URLs and emoji, and hand-written reviews
+    (training/wild_reviews.tsv); accuracy with the normalizing tokenizer and without it."""
+    from training import wild
+
+    reviews, review_labels = wild.wild_reviews()
+    sets = {"sst2_dev_as_people_write": (wild.people_texts(dev), dev_labels), "wild_reviews": (reviews, review_labels)}
+    out = {}
+    max_tokens = model.meta.preprocessing.max_tokens
+    for key, (texts, labels) in sets.items():
+        for normalize in (False, True):
+            ids = [pp.encode(pp.tokenize(t, normalize), model.vocab_index, max_tokens) or [pp.UNK] for t in texts]
+            acc = float((tasks.token_logits(model, ids).argmax(1) == labels).mean())
+            out[f"{key}_accuracy{'' if normalize else '_unnormalized'}"] = acc
+        out[f"{key}_examples"] = len(texts)
+    return out
 
 
 def inception_score(probs: np.ndarray) -> float:
@@ -381,11 +426,17 @@ def main(argv: list[str] | None = None) -> int:
     judge = lambda: load_family(exported, manifest, "digits", manifest.families["digits"].active, "cpu", 2).models[
         "digits"
     ]
+    previous = {  # the wild suites' "before": the version each classifier replaced
+        f: load_family(exported, manifest, f, manifest.families[f].previous, "cpu", 2).models[f]
+        for f in args.only
+        if f in ("digits", "fashion") and not args.version and manifest.families[f].previous
+    }
     write = args.limit is None
     ctx = {
         "data_dir": data.resolve_data_dir(args.data_dir),
         "limit": args.limit,
         "judge": judge,
+        "previous": previous,
         "img_dir": common.IMG_DIR if write and not args.version else common.RUNS / "eval-smoke",
     }
     ctx["img_dir"].mkdir(parents=True, exist_ok=True)

@@ -73,6 +73,7 @@ def write_model_card(exported: Path, path: Path | None = None) -> None:
             lines += ["- bars: " + "; ".join(line for line, _, _ in check_bars(family, m))]
             lines += [f"  - {k}: {_fmt(v)}" for k, v in m.items() if not isinstance(v, (dict, list))]
         lines += trust_section(family, meta)
+        lines += wild_section(name, m)
         if name == "encoder" and "baselines_first_1000" in m:
             lines += ["", "| baseline (MNIST test[:1000]) | quality | bytes | PSNR dB |", "|---|---|---|---|"]
             lines += [
@@ -142,4 +143,61 @@ def trust_section(family, meta: dict) -> list[str]:
     trust = check_bars(family, m, family.trust_bars)
     if trust:
         lines += ["", "- trust bars: " + "; ".join(line for line, _, _ in trust)]
+    return lines
+
+
+WILD_NAMES = {
+    "mnist_test_png": "MNIST test digits uploaded as stored (28×28 PNG)",
+    "fashion_test_png": "Fashion-MNIST test garments uploaded as stored (28×28 PNG)",
+    "canvas": "drawn dark on a 280×280 canvas, 35–75% of its height, anywhere, 6–18 px strokes",
+    "photo": "phone photo of the drawing on paper (640×480, table edge, uneven light, shadow, noise, JPEG)",
+    "scan": "low-resolution scan (8–16 px, 2–5 grey levels, enlarged ×2–6)",
+    "page": "small (6–15% of the height) on a 600×800 page with margins",
+    "hairline": "drawn with a fine pen (1.5–3 px strokes)",
+    "marker": "drawn with a marker or a finger (18–28 px strokes)",
+    "garment_page": "product shot, small and off-centre on a white 480×640 page",
+    "garment_photo": "product on a light, uneven background with noise and JPEG",
+    "uniform_noise": "uniform noise, 28–300 px a side",
+    "blank_page": "blank paper: clean canvas or a noisy photo of a sheet",
+    "letters_symbols": "printed letters and symbols (Debian's TrueType fonts) on a canvas",
+}
+
+
+def wild_section(name: str, m: dict) -> list[str]:
+    """What people send (training.wild_eval): accuracy and OOD pass rate per suite, before and after."""
+    wild = m.get("wild")
+    if not wild:
+        return []
+    prev, framed = m.get("wild_previous", {}), m.get("wild_previous_framed", {})
+    head = "| what was sent (1,000 each, from the test split) | accuracy | passes as in-distribution |"
+    rule = "|---|---|---|"
+    if prev:
+        head = (
+            f"| what was sent (1,000 each, from the test split) | before: `{prev['version']}` as served |"
+            " previous model + this framing | **now** | OOD pass before → now |"
+        )
+        rule = "|---|---|---|---|---|"
+    lines = ["", "**What people send** (`training/wild_eval.py`, through the server's own decoding and framing):", ""]
+    lines += [head, rule]
+    for key, r in wild.items():
+        label = WILD_NAMES.get(key, key)
+        if "accuracy" in r:
+            if prev:
+                p, f = prev.get(key, {}), framed.get(key, {})
+                lines.append(
+                    f"| {label} | {p.get('accuracy', float('nan')):.1%} | {f.get('accuracy', float('nan')):.1%} | "
+                    f"**{r['accuracy']:.1%}** | {p.get('ood_pass', float('nan')):.0%} → {r['ood_pass']:.0%} |"
+                )
+            else:
+                lines.append(f"| {label} | {r['accuracy']:.1%} | {r['ood_pass']:.0%} |")
+    lines += ["", "| not the subject (should be flagged) | flagged before | **flagged now** |", "|---|---|---|"]
+    for key, r in wild.items():
+        if "flagged" in r:
+            before = prev.get(key, {}).get("flagged")
+            lines.append(
+                f"| {WILD_NAMES.get(key, key)} | {'—' if before is None else f'{before:.1%}'} | **{r['flagged']:.1%}** |"
+            )
+    if m.get("wild_failures_rows"):
+        lines += ["", "The most confident mistakes per suite, as the model saw them (rows in the order above):", ""]
+        lines += [f"![{name} wild failures](img/{name}_wild_failures.png)"]
     return lines

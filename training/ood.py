@@ -681,9 +681,10 @@ def build_image(
         "calibration": cal["metadata"],
         "ood": {
             "method": "multi-layer Mahalanobis: class-conditional Mahalanobis distances (shared covariance, "
-            "fitted on the 55,000-image training split) of the per-channel spatial std of block 1's output "
-            "(per quadrant and whole map) and of the 256-d penultimate activation, each divided by its "
-            "standard deviation on the validation split, summed; computed in the ONNX graph",
+            f"fitted on the training split{' and framed wild renderings of it' if framing != 'none' else ''}) "
+            "of the per-channel spatial std of block 1's output (per quadrant and whole map) and of the 256-d "
+            "penultimate activation, each divided by its standard deviation on the validation split, summed; "
+            "computed in the ONNX graph",
             "output": "ood_score",
             "threshold": threshold,
             "validation_pass_rate": round(val_pass, 5),

@@ -72,7 +72,7 @@ def _encode(arr: np.ndarray, fmt: str = "PNG", quality: int = 90, mode: str = "L
     return buf.getvalue()
 
 
-def canvas(img28: np.ndarray, rng: np.random.Generator, stroke: tuple[float, float] = (8, 22)) -> bytes:
+def canvas(img28: np.ndarray, rng: np.random.Generator, stroke: tuple[float, float] = (6, 18)) -> bytes:
     """A drawing pad: 280×280 white, a dark digit 35–75% of its height anywhere on it."""
     size = 280
     height = int(rng.uniform(0.35, 0.75) * size)
@@ -92,8 +92,8 @@ def hairline(img28: np.ndarray, rng: np.random.Generator) -> bytes:
 
 
 def marker(img28: np.ndarray, rng: np.random.Generator) -> bytes:
-    """A canvas drawing with a marker (24–36 px strokes)."""
-    return canvas(img28, rng, stroke=(24, 36))
+    """A canvas drawing with a marker or a finger (18–28 px strokes)."""
+    return canvas(img28, rng, stroke=(18, 28))
 
 
 def photo(img28: np.ndarray, rng: np.random.Generator) -> bytes:
@@ -275,3 +275,58 @@ def framed_set(
         Path(cache).parent.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(cache, images=out, labels=ys)
     return out, ys
+
+
+# --------------------------------------------------------------------------- text as people write it
+
+_DETOK = [(" n't", "n't"), (" 's", "'s"), (" 're", "'re"), (" 've", "'ve"), (" 'll", "'ll"), (" 'd", "'d"),
+          (" 'm", "'m"), (" ,", ","), (" .", "."), (" !", "!"), (" ?", "?"), (" ;", ";"), (" :", ":"),
+          ("( ", "("), (" )", ")"), ("`` ", '"'), (" ''", '"'), (" ...", "...")]  # fmt: skip
+NEUTRAL_EMOJI = ["🎬", "🍿", "🎥", "📽️", "🎞️"]  # no sentiment of their own: the label stays the sentence's
+
+
+def as_people_write(sentence: str, rng: np.random.Generator) -> str:
+    """An SST-2 sentence (lower-cased, PTB-tokenized) as a person would type it: joined
+    contractions and punctuation, capitals, a shouted word, "!!!", an elongated word, curly
+    quotes, an HTML entity, a URL, a neutral emoji. The sentiment is left as it was."""
+    text = sentence.strip()
+    for a, b in _DETOK:
+        text = text.replace(a, b)
+    words = text.split(" ")
+    if words and words[0]:
+        words[0] = words[0][:1].upper() + words[0][1:]
+    long_words = [i for i, w in enumerate(words) if len(w) > 3 and w.isalpha()]
+    if long_words and rng.random() < 0.3:
+        i = long_words[int(rng.integers(len(long_words)))]
+        words[i] = words[i].upper()
+    if long_words and rng.random() < 0.3:
+        i = long_words[int(rng.integers(len(long_words)))]
+        w = words[i]
+        v = max((w.lower().rfind(c) for c in "aeiou"), default=-1)
+        if v >= 0:
+            words[i] = w[: v + 1] + w[v] * int(rng.integers(2, 5)) + w[v + 1 :]
+    text = " ".join(words)
+    if rng.random() < 0.35:
+        text = text.rstrip(".") + "!" * int(rng.integers(2, 5))
+    if rng.random() < 0.3:
+        text = text.replace("'", "\u2019")
+    if rng.random() < 0.2:
+        text = text.replace(" and ", " &amp; ", 1)
+    if rng.random() < 0.15:
+        text += " https://example.org/review/" + str(int(rng.integers(1000, 9999)))
+    if rng.random() < 0.25:
+        text += " " + NEUTRAL_EMOJI[int(rng.integers(len(NEUTRAL_EMOJI)))]
+    return text
+
+
+def people_texts(sentences: list[str], seed: int = 2026) -> list[str]:
+    return [as_people_write(s, np.random.default_rng([seed, i])) for i, s in enumerate(sentences)]
+
+
+def wild_reviews() -> tuple[list[str], np.ndarray]:
+    """training/wild_reviews.tsv: short reviews written the way people post them (not SST-2)."""
+    from pathlib import Path
+
+    lines = (Path(__file__).parent / "wild_reviews.tsv").read_text(encoding="utf-8").splitlines()[1:]
+    texts, labels = zip(*(line.rsplit("\t", 1) for line in lines if line.strip()))
+    return list(texts), np.array([int(y) for y in labels], dtype=np.int64)

@@ -44,9 +44,9 @@ auth.form.addEventListener("submit", (event) => {
   resolve();
 });
 
-// GET (no body), POST JSON (json) or POST multipart (form); answers JSON, or a Blob with
-// blob: true. A 401 asks for the API key and tries again.
-async function api(path, { json, form, blob = false } = {}) {
+// GET (no body), POST JSON (json) or POST multipart (form); answers JSON, a Blob with
+// blob: true, or the Response itself with raw: true. A 401 asks for the API key and tries again.
+async function api(path, { json, form, blob = false, raw = false } = {}) {
   for (;;) {
     const key = sessionStorage.getItem(KEY_STORE);
     const headers = key ? { Authorization: `Bearer ${key}` } : {};
@@ -72,14 +72,17 @@ async function api(path, { json, form, blob = false } = {}) {
       }
       throw new ApiError(message, res.status);
     }
+    if (raw) return res;
     return blob ? res.blob() : res.json();
   }
 }
 
+// The picture as it is (the server frames it the way the model's training set was made),
+// asking for the 28×28 input the model received in return.
 function imageForm(blob, fields = {}) {
   const form = new FormData();
   form.append("image", blob, "image.png");
-  for (const [name, value] of Object.entries(fields)) form.append(name, value);
+  for (const [name, value] of Object.entries({ ...fields, return_input: "true" })) form.append(name, value);
   return form;
 }
 
@@ -187,12 +190,24 @@ function showClassification(prefix, answer, what) {
   byId(`${prefix}-result`).textContent = answer.label;
   showBars(byId(`${prefix}-bars`), answer.top_k);
   showOod(byId(`${prefix}-ood`), answer, what);
+  showSeen(byId(`${prefix}-seen`), answer.input_png);
 }
 
 function resetClassification(prefix) {
   byId(`${prefix}-result`).textContent = "–";
   byId(`${prefix}-bars`).replaceChildren();
   byId(`${prefix}-ood`).hidden = true;
+  showSeen(byId(`${prefix}-seen`));
+}
+
+const dataUrl = (b64) => `data:image/png;base64,${b64}`;
+const blobOf = (b64) => new Blob([Uint8Array.from(atob(b64), (c) => c.charCodeAt(0))], { type: "image/png" });
+
+// "What the model saw": the 28×28 input (base64 PNG) the server made of the picture sent;
+// none (a cleared panel, or a server without return_input) hides the image.
+function showSeen(img, b64) {
+  if (b64) img.src = dataUrl(b64);
+  else img.removeAttribute("src");
 }
 
 // Show a Blob in an <img>, freeing the previous one's object URL.
@@ -247,41 +262,13 @@ function psnr(a, b) {
   return 10 * Math.log10(1 / Math.max(sum / a.length, 1e-12));
 }
 
-// Any image file -> a 28×28 canvas, light subject on dark, the way the server reads uploads:
-// alpha over white, grey, inverted when the border is light, longer side to 28, centred.
-async function fileTo28(file) {
-  const bitmap = await createImageBitmap(file);
-  const { width, height } = bitmap;
-  const full = newCanvas(width, height);
-  const ctx = context(full);
-  ctx.fillStyle = "#fff";
-  ctx.fillRect(0, 0, width, height);
-  ctx.drawImage(bitmap, 0, 0);
+// Any image -> a 28×28 canvas (the samples and model inputs are 28×28 already).
+async function canvas28(blob) {
+  const bitmap = await createImageBitmap(blob);
+  const small = newCanvas(SIZE);
+  context(small).drawImage(bitmap, 0, 0, SIZE, SIZE);
   bitmap.close();
-  const image = ctx.getImageData(0, 0, width, height);
-  const px = image.data;
-  const grey = (i) => Math.round(0.299 * px[4 * i] + 0.587 * px[4 * i + 1] + 0.114 * px[4 * i + 2]);
-  const border = [];
-  for (let x = 0; x < width; x++) border.push(grey(x), grey((height - 1) * width + x));
-  for (let y = 0; y < height; y++) border.push(grey(y * width), grey(y * width + width - 1));
-  const invert = border.reduce((s, v) => s + v, 0) / border.length > 127.5;
-  for (let i = 0; i < width * height; i++) {
-    const v = invert ? 255 - grey(i) : grey(i);
-    px.set([v, v, v, 255], 4 * i);
-  }
-  ctx.putImageData(image, 0, 0);
-  border.sort((a, b) => a - b);
-  const median = invert ? 255 - border[border.length >> 1] : border[border.length >> 1];
-  const out = newCanvas(SIZE);
-  const octx = context(out);
-  octx.fillStyle = `rgb(${median},${median},${median})`;
-  octx.fillRect(0, 0, SIZE, SIZE);
-  const scale = SIZE / Math.max(width, height);
-  const w = Math.max(1, Math.round(width * scale));
-  const h = Math.max(1, Math.round(height * scale));
-  octx.imageSmoothingQuality = "high";
-  octx.drawImage(full, (SIZE - w) >> 1, (SIZE - h) >> 1, w, h);
-  return out;
+  return small;
 }
 
 // ------------------------------------------------------------------ a canvas to draw on
@@ -340,7 +327,7 @@ class DrawPad {
   line([x0, y0], [x1, y1]) {
     const ctx = this.ctx;
     ctx.strokeStyle = "#fff";
-    ctx.lineWidth = this.canvas.width * 0.11; // MNIST-thick (about 3 px) once the digit is 20 px tall
+    ctx.lineWidth = this.canvas.width * 0.11; // MNIST-thick (about 3 px) once the server makes the digit 20 px
     ctx.lineCap = ctx.lineJoin = "round";
     ctx.beginPath();
     ctx.moveTo(x0, y0);
@@ -356,47 +343,22 @@ class DrawPad {
     if (notify) this.onChange(true);
   }
 
-  show(small) {
-    this.ctx.imageSmoothingEnabled = false;
-    this.ctx.drawImage(small, 0, 0, this.canvas.width, this.canvas.height);
+  // An uploaded picture on the pad, whole and centred (the file itself is what is sent).
+  show(bitmap) {
+    const { width, height } = this.canvas;
+    const scale = Math.min(width / bitmap.width, height / bitmap.height);
+    const [w, h] = [bitmap.width * scale, bitmap.height * scale];
+    this.clear(false);
+    this.ctx.imageSmoothingEnabled = scale < 1; // a small image keeps its pixels
+    this.ctx.drawImage(bitmap, (width - w) / 2, (height - h) / 2, w, h);
     this.ctx.imageSmoothingEnabled = true;
     this.empty = false;
   }
 
-  // The drawing as MNIST prepares its digits: the ink's bounding box scaled to fit 20×20,
-  // its centre of mass at the centre of a 28×28 black image. null when nothing is drawn.
-  toMnist() {
-    if (this.empty) return null;
-    const { width, height } = this.canvas;
-    const grey = greyOf(this.canvas);
-    let [left, top, right, bottom, mass, sx, sy] = [width, height, -1, -1, 0, 0, 0];
-    for (let y = 0; y < height; y++) {
-      for (let x = 0; x < width; x++) {
-        const v = grey[y * width + x];
-        if (v < 16) continue;
-        left = Math.min(left, x);
-        right = Math.max(right, x);
-        top = Math.min(top, y);
-        bottom = Math.max(bottom, y);
-        mass += v;
-        sx += v * x;
-        sy += v * y;
-      }
-    }
-    if (right < 0) return null;
-    const bw = right - left + 1;
-    const bh = bottom - top + 1;
-    const scale = 20 / Math.max(bw, bh);
-    const clamp = (v, hi) => Math.min(Math.max(v, 0), hi);
-    const dx = clamp(SIZE / 2 - (sx / mass - left) * scale, SIZE - bw * scale);
-    const dy = clamp(SIZE / 2 - (sy / mass - top) * scale, SIZE - bh * scale);
-    const out = newCanvas(SIZE);
-    const ctx = context(out);
-    ctx.fillStyle = "#000";
-    ctx.fillRect(0, 0, SIZE, SIZE);
-    ctx.imageSmoothingQuality = "high";
-    ctx.drawImage(this.canvas, left, top, bw, bh, dx, dy, bw * scale, bh * scale);
-    return out;
+  // The pad as it is, a PNG of its full size (the server frames the drawing, not the page);
+  // the promise of it, or null when nothing is drawn.
+  png() {
+    return this.empty ? null : pngOf(this.canvas);
   }
 }
 
@@ -415,9 +377,9 @@ const digits = {
 
   classifyNow() {
     digits.run(async () => {
-      const image = digits.pad.toMnist();
-      if (!image) return () => resetClassification("digit");
-      const answer = await api("/classify", { form: imageForm(await pngOf(image), { model: "digits", top_k: 3 }) });
+      const png = digits.pad.png();
+      if (!png) return () => resetClassification("digit");
+      const answer = await api("/classify", { form: imageForm(await png, { model: "digits", top_k: 3 }) });
       return () => showClassification("digit", answer, "a handwritten digit");
     });
   },
@@ -564,7 +526,7 @@ class Morph {
         throw err;
       });
       return () => {
-        this.frames = answer.images.map((b64) => `data:image/png;base64,${b64}`);
+        this.frames = answer.images.map(dataUrl);
         this.slider.max = String(this.frames.length - 1);
         this.strip.replaceChildren(
           ...this.frames.map((src) => {
@@ -606,50 +568,52 @@ generator.digitTo.addEventListener("change", generator.morphs);
 
 const codec = {
   run: runner("codec"),
-  original: byId("codec-original"),
 
-  // input: { image: a 28×28 canvas or null (clears the panel), fileBytes: the uploaded
-  // file's size, absent for a drawing }, or the promise of one
+  // input: { png: the picture to send (a Blob, the promise of one, or null: clears the
+  // panel), fileBytes: the uploaded file's size, absent for a drawing }, or the promise of one
   use(input) {
     codec.run(async () => {
-      const { image, fileBytes } = await input;
-      if (!image) {
+      const { png: source, fileBytes } = await input;
+      const png = await source;
+      if (!png) {
         return () => {
-          context(codec.original).clearRect(0, 0, SIZE, SIZE);
+          showSeen(byId("codec-seen"));
           byId("codec-code").textContent = "–";
           byId("codec-stats").textContent = "";
           byId("codec-output").removeAttribute("src");
         };
       }
-      const png = await pngOf(image);
-      const { code, bytes, original_bytes: pixels } = await api("/compress", { form: imageForm(png) });
+      const { code, bytes, original_bytes: pixels, input_png: seen } = await api("/compress", { form: imageForm(png) });
       const decoded = await api("/decompress", { json: { code }, blob: true });
-      const quality = psnr(greyOf(image), await greyOfBlob(decoded));
+      // the reconstruction against what the encoder received (a server without return_input: no PSNR)
+      const quality = seen ? psnr(await greyOfBlob(blobOf(seen)), await greyOfBlob(decoded)) : null;
       const hex = [...atob(code)].map((c) => c.charCodeAt(0).toString(16).padStart(2, "0")).join(" ");
-      const pngBytes = fileBytes || png.size; // a drawing: the 28×28 PNG the page sends
+      const pngBytes = fileBytes || (seen ? atob(seen).length : png.size); // a drawing: the 28×28 PNG the model saw
       return () => {
-        context(codec.original).drawImage(image, 0, 0);
+        showSeen(byId("codec-seen"), seen);
         byId("codec-code").textContent = hex;
         showBlob(byId("codec-output"), decoded);
         byId("codec-stats").textContent =
           `${bytes} bytes of code · ${pixels} bytes of pixels · ${pngBytes} bytes of PNG ` +
-          `(${(pngBytes / bytes).toFixed(0)}× the code) · PSNR ${quality.toFixed(1)} dB`;
+          `(${(pngBytes / bytes).toFixed(0)}× the code)` +
+          (quality === null ? "" : ` · PSNR ${quality.toFixed(1)} dB`);
       };
     });
   },
 
-  // an uploaded file (a Blob, or the promise of one): shown on the pad, then sent
+  // an uploaded file (a Blob, or the promise of one): shown on the pad, then sent as it is
   upload(file) {
     codec.use(
       Promise.resolve(file).then(async (blob) => {
-        const image = await fileTo28(blob);
-        codec.pad.show(image);
-        return { image, fileBytes: blob.size };
+        const bitmap = await createImageBitmap(blob);
+        codec.pad.show(bitmap);
+        bitmap.close();
+        return { png: blob, fileBytes: blob.size };
       }),
     );
   },
 };
-codec.pad = new DrawPad(byId("codec-canvas"), (done) => done && codec.use({ image: codec.pad.toMnist() }));
+codec.pad = new DrawPad(byId("codec-canvas"), (done) => done && codec.use({ png: codec.pad.png() }));
 byId("codec-clear").addEventListener("click", () => codec.pad.clear());
 byId("codec-upload").addEventListener("change", (e) => {
   if (e.target.files.length) codec.upload(e.target.files[0]);
@@ -685,21 +649,30 @@ const denoiser = {
 
   // source: a 28×28 canvas, or the promise of one
   async use(source) {
+    const panel = byId("denoiser");
+    setBusy(panel, +1);
     try {
       denoiser.clean = greyOf(await source);
     } catch (err) {
-      byId("denoiser").querySelector(":scope > .error").textContent = `error: ${err.message}`;
+      const line = panel.querySelector(":scope > .error");
+      line.textContent = err instanceof ApiError ? err.message : `error: ${err.message}`;
       return;
+    } finally {
+      setBusy(panel, -1);
     }
     paintGrey(byId("denoise-clean"), denoiser.clean);
     denoiser.denoise();
   },
 
-  async sample(name) {
-    const bitmap = await createImageBitmap(await sampleBlob(name));
-    const small = newCanvas(SIZE);
-    context(small).drawImage(bitmap, 0, 0, SIZE, SIZE);
-    return small;
+  sample: async (name) => canvas28(await sampleBlob(name)),
+
+  // A drawing of any size -> the clean 28×28 image the denoiser's own framing makes of it
+  // (its X-Model-Input): the page frames nothing itself.
+  async framed(png) {
+    const res = await api("/denoise", { form: imageForm(await png), raw: true });
+    const seen = res.headers.get("X-Model-Input");
+    if (!seen) throw new Error("this server does not send the model's input (return_input)");
+    return canvas28(blobOf(seen));
   },
 
   denoise() {
@@ -711,10 +684,13 @@ const denoiser = {
     paintGrey(canvas, noisy);
     byId("denoise-noisy-cap").textContent = sigma ? `noisy · ${psnr(clean, noisy).toFixed(1)} dB` : "noisy (σ = 0)";
     denoiser.run(async () => {
-      const denoised = await api("/denoise", { form: imageForm(await pngOf(canvas)), blob: true });
+      const res = await api("/denoise", { form: imageForm(await pngOf(canvas)), raw: true });
+      const seen = res.headers.get("X-Model-Input"); // the answer is the PNG: the input rides in a header
+      const denoised = await res.blob();
       const quality = psnr(clean, await greyOfBlob(denoised));
       return () => {
         showBlob(byId("denoise-output"), denoised);
+        showSeen(byId("denoise-seen"), seen);
         byId("denoise-output-cap").textContent = `denoised · ${quality.toFixed(1)} dB`;
       };
     });
@@ -728,8 +704,8 @@ for (const button of document.querySelectorAll("button[data-digit]")) {
   button.addEventListener("click", () => denoiser.use(denoiser.sample(button.dataset.digit)));
 }
 byId("denoise-mine").addEventListener("click", () => {
-  const mine = digits.pad.toMnist();
-  if (mine) denoiser.use(mine);
+  const mine = digits.pad.png();
+  if (mine) denoiser.use(denoiser.framed(mine));
   else byId("denoiser").querySelector(":scope > .error").textContent = "draw a digit in the Digits panel first";
 });
 

@@ -2,7 +2,9 @@
 
 A person's session, driven by selenium: draw digits with the mouse and read the answer,
 type sentences, upload and drop images, generate, move both morph sliders and the noise
-slider, use the page on a 375 px phone and under an API key. Throughout, the browser
+slider, use the page on a 375 px phone and under an API key. Pictures go to the server as
+they are (drawings at the pad's size, uploads byte for byte): the server frames them, and
+the page shows the 28×28 input each model received ("what the model saw"). Throughout, the browser
 console must stay free of errors and every request the page makes must go to the server's
 own origin. Screenshots land in results/playground/ (`make screenshots` copies two of them
 to docs/img/).
@@ -34,6 +36,7 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.select import Select
 from selenium.webdriver.support.wait import WebDriverWait
 
+from tests.conftest import require_tools
 from tests.service.conftest import Server
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,12 +45,7 @@ FIXTURES = REPO / "tests" / "fixtures"
 RESULTS = REPO / "results" / "playground"
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 
-if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
-    pytest.skip(
-        "the browser tests need Debian's chromium and chromium-driver (/usr/bin/chromium, /usr/bin/chromedriver): "
-        "`make tools` installs them where apt-get is usable",
-        allow_module_level=True,
-    )
+pytestmark = require_tools(str(CHROMIUM), str(CHROMEDRIVER))  # Debian's chromium and chromium-driver
 
 CHROME_FLAGS = (
     "--headless=new",
@@ -68,8 +66,10 @@ TEST_IDS = [
     "digit-canvas",
     "digit-clear",
     "digit-result",
+    "digit-seen",
     "fashion-upload",
     "fashion-result",
+    "fashion-seen",
     "sentiment-input",
     "sentiment-result",
     "generate-digit",
@@ -83,8 +83,10 @@ TEST_IDS = [
     "codec-upload",
     "codec-code",
     "codec-output",
+    "codec-seen",
     "denoise-sigma",
     "denoise-output",
+    "denoise-seen",
     "models-table",
 ]
 # the controls a person operates (the other hooks are results and outputs)
@@ -102,6 +104,24 @@ CONTROLS = [
     "denoise-sigma",
 ]
 SNEAKER = 7  # the Fashion-MNIST label
+# Records every picture the page posts (multipart `image`): its URL, byte size, pixel size and
+# the other form fields, so a test can check what left the page (window.fetch, wrapped once).
+SPY_ON_UPLOADS = """
+if (!window.sentImages) {
+  window.sentImages = [];
+  const send = window.fetch;
+  window.fetch = (url, init = {}) => {
+    if (init.body instanceof FormData && init.body.has('image')) {
+      const file = init.body.get('image');
+      const entry = {url: String(url), bytes: file.size, size: null, fields: {}};
+      for (const [name, value] of init.body) if (name !== 'image') entry.fields[name] = String(value);
+      createImageBitmap(file).then(b => { entry.size = [b.width, b.height]; b.close(); }, () => { entry.size = []; });
+      window.sentImages.push(entry);
+    }
+    return send.call(window, url, init);
+  };
+}
+"""
 
 
 def by_testid(name: str) -> str:
@@ -221,11 +241,8 @@ class Browser:
         shutil.rmtree(self.profile, ignore_errors=True)
 
 
-def unexpected(errors: list[dict], morph_supported: bool, allowed: str | None = None) -> list[dict]:
-    """The console errors a test must not see: all but those matching `allowed`, and, until the
-    server has /generate's morph_to, the morph panels' refused requests."""
-    if not morph_supported:
-        errors = [e for e in errors if not re.search(r"/generate - .* status of 400", e["message"])]
+def unexpected(errors: list[dict], allowed: str | None = None) -> list[dict]:
+    """The console errors a test must not see: all but those matching `allowed`."""
     return [e for e in errors if not (allowed and re.search(allowed, e["message"]))]
 
 
@@ -241,6 +258,52 @@ def png(array: np.ndarray, size: int | None = None) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def sent_to(page: Browser, path: str) -> list[dict]:
+    """The pictures the page posted to `path` since it opened (SPY_ON_UPLOADS), each once measured."""
+    script = "return (window.sentImages || []).filter(e => e.url === arguments[0])"
+    page.wait(lambda: all(e["size"] is not None for e in page.js(script, path)), message=f"the uploads to {path}")
+    return page.js(script, path)
+
+
+def model_input(page: Browser, name: str) -> np.ndarray:
+    """The picture an output shows as what the model saw: a 28×28 PNG in a data: URL."""
+    assert page.find(name).tag_name == "img", name
+    src = page.wait_image(name)
+    assert src.startswith("data:image/png;base64,") and len(src) > len("data:image/png;base64,"), src[:60]
+    image = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
+    assert image.size == (28, 28), image.size
+    return np.asarray(image.convert("L"))
+
+
+def canvas_png(page: Browser, canvas_id: str) -> bytes:
+    """A canvas's pixels, at its full size, as the PNG the page sends."""
+    url = page.js("return document.getElementById(arguments[0]).toDataURL('image/png')", canvas_id)
+    return base64.b64decode(url.split(",", 1)[1])
+
+
+def canvas_grey(page: Browser, canvas_id: str) -> np.ndarray:
+    """A grey canvas's levels (its red channel), (height, width) uint8."""
+    width, height, red = page.js(
+        "const c = document.getElementById(arguments[0]);"
+        "const data = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
+        "return [c.width, c.height, Array.from(data.filter((_, i) => i % 4 === 0))];",
+        canvas_id,
+    )
+    return np.array(red, dtype=np.uint8).reshape(height, width)
+
+
+def assert_mnist_framed(grey: np.ndarray) -> None:
+    """The MNIST recipe: the ink's longer side about 20 px, its centre of mass at the centre."""
+    ink = grey.astype(np.float64) * (grey >= 64)
+    assert ink.sum() > 0, "no ink"
+    rows, cols = np.flatnonzero(ink.any(1)), np.flatnonzero(ink.any(0))
+    side = max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1
+    assert 17 <= side <= 22, f"the ink spans {side} px, MNIST's digits 20"
+    ys, xs = np.indices(grey.shape)
+    cy, cx = (ys * ink).sum() / ink.sum(), (xs * ink).sum() / ink.sum()
+    assert abs(cy - 13.5) <= 1.5 and abs(cx - 13.5) <= 1.5, f"centre of mass at ({cy:.1f}, {cx:.1f})"
 
 
 # ------------------------------------------------------------------ fixtures
@@ -259,6 +322,7 @@ def page(server):
     browser = Browser(server.url)
     browser.collect()  # the browser's own start-up pages are not the playground's
     browser.open("/")
+    browser.js(SPY_ON_UPLOADS)
     yield browser
     browser.quit()
 
@@ -274,19 +338,6 @@ def uploads(tmp_path_factory) -> dict[str, Path]:
     return {"sneaker": folder / "sneaker.png", "seven": folder / "seven.png"}
 
 
-@pytest.fixture(scope="module")
-def morph_supported(server) -> bool:
-    body = {"digit": 3, "seed": 1, "morph_to": {"digit": 8, "seed": 1}, "steps": 3, "format": "json"}
-    return httpx.post(server.url + "/generate", json=body, timeout=30).status_code == 200
-
-
-@pytest.fixture(scope="module")
-def ood_flag(server) -> bool:
-    """Whether the server sends the out-of-distribution flag with image classifications."""
-    seven = (FIXTURES / "mnist_test0_label7.png").read_bytes()
-    return "in_distribution" in httpx.post(server.url + "/classify", files={"image": ("7.png", seven)}).json()
-
-
 # ------------------------------------------------------------------ the files themselves
 
 
@@ -300,6 +351,8 @@ def test_static_files_are_small_self_contained_and_csp_clean(server):
         assert not re.search(r"\son[a-z]+\s*=", html), f"{name} has an inline event handler"
         assert not re.search(r"\sstyle\s*=|<style", html), f"{name} has inline styles"
         assert not re.search(r"(src|href)=\"(https?:)?//", html), f"{name} loads something from another origin"
+    script = (STATIC / "app.js").read_text()
+    assert "toMnist" not in script, "the page frames no picture itself: the server does"
     for path in ("/", "/docs", "/static/app.js"):
         r = httpx.get(server.url + path)
         assert r.status_code == 200, path
@@ -336,21 +389,29 @@ def test_page_is_interactive_fast_and_every_panel_fills(page, server):
     assert "CPU" in table  # the provider column
     page.wait_text("sentiment-result", "positive")
     page.wait_text("fashion-result", "Ankle boot")
+    model_input(page, "fashion-seen")
     page.wait_image("generate-output")
     assert page.natural_size("generate-output") == (122, 122)  # 4×4 images of 28 px, 2 px apart
     page.wait(lambda: re.fullmatch(r"([0-9a-f]{2} ){15}[0-9a-f]{2}", page.text("codec-code")), message="a 16-byte code")
     page.wait_image("codec-output")
+    model_input(page, "codec-seen")
     page.wait_image("denoise-output")
     assert page.natural_size("denoise-output") == (28, 28)
+    model_input(page, "denoise-seen")
     filled = page.js("return performance.now()")
     print(f"playground: script ready at {ready:.0f} ms, every panel answered by {filled:.0f} ms")
 
 
 def draw(page: Browser, strokes: list[list[tuple[int, int]]]) -> None:
     """Clear the digits pad and draw with the mouse: each stroke a polyline, in CSS pixels from the centre."""
-    canvas = page.find("digit-canvas")
     page.find("digit-clear").click()
     page.wait_text("digit-result", "–")
+    assert page.image("digit-seen") is None, "a cleared pad shows no model input"
+    strokes_on(page, page.find("digit-canvas"), strokes)
+
+
+def strokes_on(page: Browser, canvas, strokes: list[list[tuple[int, int]]]) -> None:
+    """Draw on a pad with the mouse: each stroke a polyline, in CSS pixels from the pad's centre."""
     for stroke in strokes:
         actions = ActionChains(page.driver, duration=40)
         actions.move_to_element_with_offset(canvas, *stroke[0]).click_and_hold()
@@ -360,9 +421,7 @@ def draw(page: Browser, strokes: list[list[tuple[int, int]]]) -> None:
         actions.release().perform()
 
 
-def test_a_scribble_is_flagged_out_of_distribution(page, ood_flag):
-    if not ood_flag:
-        pytest.skip("the server sends no in_distribution flag")
+def test_a_scribble_is_flagged_out_of_distribution(page):
     draw(page, [[(-60, -90), (-60, 20), (60, 20)]])  # an L: not a digit
     page.wait(lambda: page.text("digit-result") != "–", message="an answer")
     page.wait(page.idle, message="the last answer")
@@ -379,17 +438,34 @@ def test_a_scribble_is_flagged_out_of_distribution(page, ood_flag):
         ("7", [[(-65, -80), (65, -80), (-15, 90)]]),  # a bar, then the diagonal down (last: the screenshot's)
     ],
 )
-def test_draw_a_digit_and_read_the_answer(page, ood_flag, digit, strokes):
+def test_draw_a_digit_and_read_the_answer(page, digit, strokes):
     draw(page, strokes)
     page.wait_text("digit-result", digit)
     page.wait(page.idle, message="the last answer")
     bars = page.js("return [...document.querySelectorAll('#digit-bars li')].map(li => li.textContent)")
     assert len(bars) == 3 and bars[0].startswith(digit), bars
     flag = page.driver.find_element(By.ID, "digit-ood")
-    if ood_flag:
-        assert flag.is_displayed() and flag.text.startswith("✓ looks like a handwritten digit"), flag.text
-    else:
-        assert not flag.is_displayed()
+    assert flag.is_displayed() and flag.text.startswith("✓ looks like a handwritten digit"), flag.text
+    model_input(page, "digit-seen")
+
+
+def test_the_digits_pad_sends_the_drawing_and_shows_what_the_model_saw(page, server):
+    page.wait(page.idle, message="the last answer")  # the 7 drawn above
+    assert page.js("return typeof DrawPad === 'function' && !('toMnist' in DrawPad.prototype)")
+    sent = sent_to(page, "/classify")[-1]
+    width, height = page.js("const c = document.getElementById('digit-canvas'); return [c.width, c.height]")
+    assert sent["size"] == [width, height], f"the whole pad, not a framed 28×28 copy: {sent}"
+    assert sent["fields"] == {"model": "digits", "top_k": "3", "return_input": "true"}, sent
+    seen = model_input(page, "digit-seen")
+    assert_mnist_framed(seen)
+    drawing = canvas_png(page, "digit-canvas")
+    answer = httpx.post(
+        server.url + "/classify",
+        files={"image": ("7.png", drawing)},
+        data={"model": "digits", "top_k": "3", "return_input": "true"},
+    ).json()
+    assert answer["label"] == "7"
+    assert page.image("digit-seen") == f"data:image/png;base64,{answer['input_png']}", "the server's input_png"
 
 
 def test_type_a_sentence(page):
@@ -403,12 +479,22 @@ def test_type_a_sentence(page):
     assert "unknown to the model" in page.driver.find_element(By.ID, "sentiment-note").text
 
 
-def test_fashion_upload_drop_and_samples(page, uploads, ood_flag):
+def test_fashion_upload_drop_and_samples(page, server, uploads):
     page.find("fashion-upload").send_keys(str(uploads["sneaker"]))
     page.wait_text("fashion-result", "Sneaker")
+    page.wait(page.idle, message="the fashion answer")
     assert len(page.driver.find_elements(By.CSS_SELECTOR, "#fashion-bars li")) == 3
     flag = page.driver.find_element(By.ID, "fashion-ood")
-    assert flag.is_displayed() == ood_flag and (not ood_flag or flag.text.startswith("✓ looks like a Fashion-MNIST"))
+    assert flag.is_displayed() and flag.text.startswith("✓ looks like a Fashion-MNIST"), flag.text
+    sent = sent_to(page, "/classify")[-1]
+    assert sent["bytes"] == uploads["sneaker"].stat().st_size and sent["size"] == [112, 112], "the file as it is"
+    model_input(page, "fashion-seen")
+    answer = httpx.post(
+        server.url + "/classify",
+        files={"image": ("sneaker.png", uploads["sneaker"].read_bytes())},
+        data={"model": "fashion", "return_input": "true"},
+    ).json()
+    assert page.image("fashion-seen") == f"data:image/png;base64,{answer['input_png']}"
     page.driver.find_element(By.CSS_SELECTOR, 'button[data-sample="trouser"]').click()
     page.wait_text("fashion-result", "Trouser")
     dropped = page.js_async(  # a file dropped on the drop zone (selenium cannot drag from the desktop)
@@ -447,9 +533,7 @@ def test_generate(page, server):
 
 
 @pytest.mark.parametrize("kind", ["seed", "digit"])
-def test_morph_slider(page, server, morph_supported, kind):
-    if not morph_supported:
-        pytest.xfail("POST /generate does not accept morph_to yet")
+def test_morph_slider(page, server, kind):
     slider, output = page.find(f"morph-{kind}-slider"), f"morph-{kind}-output"
     if kind == "seed":  # endpoints that differ: seed 42 -> 7 of the digit generated last
         target = page.driver.find_element(By.ID, "morph-seed-to")
@@ -471,8 +555,34 @@ def test_morph_slider(page, server, morph_supported, kind):
     assert page.requests_to("/generate") == requests, "moving the slider picks a fetched frame: no request"
     to = {"digit": 5, "seed": 7} if kind == "seed" else {"digit": 8, "seed": 42}
     body = {"digit": 5, "seed": 42, "morph_to": to, "steps": 9, "format": "json"}
-    frames = httpx.post(server.url + "/generate", json=body).json()["images"]
+    answer = httpx.post(server.url + "/generate", json=body)
+    assert answer.status_code == 200, answer.text
+    frames = answer.json()["images"]
     assert [first, middle, last] == [f"data:image/png;base64,{frames[i]}" for i in (0, 4, 8)]
+
+
+def test_codec_pad_sends_the_drawing_and_shows_what_the_model_saw(page, server):
+    page.driver.find_element(By.ID, "codec-clear").click()
+    page.wait_text("codec-code", "–")
+    assert page.image("codec-seen") is None and page.image("codec-output") is None
+    strokes_on(page, page.driver.find_element(By.ID, "codec-canvas"), [[(-45, -50), (45, -50), (-10, 55)]])  # a 7
+    page.wait(lambda: page.text("codec-code") != "–", message="a code for the drawing")
+    page.wait_image("codec-output")
+    page.wait(page.idle, message="the codec")
+    sent = sent_to(page, "/compress")[-1]
+    width, height = page.js("const c = document.getElementById('codec-canvas'); return [c.width, c.height]")
+    assert sent["size"] == [width, height], f"the whole pad, not a framed 28×28 copy: {sent}"
+    assert sent["fields"] == {"return_input": "true"}, sent
+    assert_mnist_framed(model_input(page, "codec-seen"))
+    expected = httpx.post(
+        server.url + "/compress",
+        files={"image": ("7.png", canvas_png(page, "codec-canvas"))},
+        data={"return_input": "true"},
+    ).json()
+    assert page.text("codec-code") == base64.b64decode(expected["code"]).hex(" "), "the code POST /compress gives"
+    assert page.image("codec-seen") == f"data:image/png;base64,{expected['input_png']}", "the server's input_png"
+    stats = page.driver.find_element(By.ID, "codec-stats").text
+    assert f"{len(base64.b64decode(expected['input_png']))} bytes of PNG" in stats and "PSNR" in stats, stats
 
 
 def test_codec_upload(page, server, uploads):
@@ -481,8 +591,15 @@ def test_codec_upload(page, server, uploads):
     page.wait(lambda: page.text("codec-code") not in (before, "–"), message="a new code")
     page.wait_image("codec-output")
     page.wait(page.idle, message="the codec")
-    expected = httpx.post(server.url + "/compress", files={"image": ("7.png", uploads["seven"].read_bytes())}).json()
+    sent = sent_to(page, "/compress")[-1]
+    assert sent["bytes"] == uploads["seven"].stat().st_size and sent["fields"] == {"return_input": "true"}, sent
+    expected = httpx.post(
+        server.url + "/compress",
+        files={"image": ("7.png", uploads["seven"].read_bytes())},
+        data={"return_input": "true"},
+    ).json()
     assert page.text("codec-code") == base64.b64decode(expected["code"]).hex(" "), "the code POST /compress gives"
+    assert page.image("codec-seen") == f"data:image/png;base64,{expected['input_png']}", "the server's input_png"
     assert page.natural_size("codec-output") == (28, 28)
     stats = page.driver.find_element(By.ID, "codec-stats").text
     psnr = float(re.search(r"PSNR ([\d.]+) dB", stats).group(1))
@@ -502,6 +619,28 @@ def test_noise_slider(page):
     noisy = float(re.search(r"([\d.]+) dB", page.driver.find_element(By.ID, "denoise-noisy-cap").text).group(1))
     denoised = float(re.search(r"([\d.]+) dB", page.driver.find_element(By.ID, "denoise-output-cap").text).group(1))
     assert denoised > noisy + 5, f"denoised {denoised} dB against noisy {noisy} dB"
+    sent = sent_to(page, "/denoise")[-1]
+    assert sent["size"] == [28, 28] and sent["fields"] == {"return_input": "true"}, sent
+    seen = model_input(page, "denoise-seen").astype(int)
+    noisy_pixels = canvas_grey(page, "denoise-noisy").astype(int)
+    assert np.abs(seen - noisy_pixels).max() <= 1, "a 28×28 input reaches the denoiser as it is (X-Model-Input)"
+
+
+def test_denoise_my_drawing(page):
+    """The "Use my drawing" button: the digits pad's drawing goes to the server at its full size,
+    the denoiser's own framing makes the clean 28×28 image, and what the model saw is shown."""
+    page.wait(page.idle, message="the denoiser")
+    before, requests = page.image("denoise-output"), len(sent_to(page, "/denoise"))
+    page.driver.find_element(By.ID, "denoise-mine").click()
+    page.wait_image("denoise-output", other_than=before)
+    page.wait(page.idle, message="the denoiser")
+    framing, denoising = sent_to(page, "/denoise")[requests:]
+    width, height = page.js("const c = document.getElementById('digit-canvas'); return [c.width, c.height]")
+    assert framing["size"] == [width, height] and framing["fields"] == {"return_input": "true"}, framing
+    assert denoising["size"] == [28, 28] and denoising["fields"] == {"return_input": "true"}, denoising
+    assert_mnist_framed(canvas_grey(page, "denoise-clean"))
+    seen = model_input(page, "denoise-seen").astype(int)
+    assert np.abs(seen - canvas_grey(page, "denoise-noisy").astype(int)).max() <= 1
 
 
 def test_controls_are_labelled_and_keyboard_reachable(page):
@@ -520,9 +659,9 @@ def test_controls_are_labelled_and_keyboard_reachable(page):
     assert not set(CONTROLS) - reached, f"not reachable with Tab: {set(CONTROLS) - reached}"
 
 
-def test_no_console_errors_and_no_requests_to_other_origins(page, morph_supported):
+def test_no_console_errors_and_no_requests_to_other_origins(page):
     page.wait(page.idle, message="every panel to finish")
-    errors = unexpected(page.errors(), morph_supported)
+    errors = unexpected(page.errors())
     assert not errors, errors
     assert not page.foreign_requests()
     assert page.requests_to("/classify") >= 5 and page.requests_to("/compress") >= 2
@@ -546,7 +685,7 @@ def test_screenshots_and_no_horizontal_scroll_on_a_phone(page):
 # ------------------------------------------------------------------ under an API key, and the docs
 
 
-def test_page_asks_for_the_api_key_then_works(morph_supported):
+def test_page_asks_for_the_api_key_then_works():
     server = Server(env={"DEEPSERVE_API_KEY": API_KEY})
     browser = Browser(server.url)
     try:
@@ -572,7 +711,7 @@ def test_page_asks_for_the_api_key_then_works(morph_supported):
         browser.wait_text("sentiment-result", "positive")
         browser.wait(browser.idle, message="every panel to finish")
         assert not browser.driver.find_element(By.ID, "auth").is_displayed()
-        errors = unexpected(browser.errors(), morph_supported, allowed=r"status of 401")  # before the key
+        errors = unexpected(browser.errors(), allowed=r"status of 401")  # before the key
         assert not errors, errors
         assert not browser.foreign_requests()
     finally:

@@ -5,8 +5,6 @@ returning data."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import time
 
@@ -14,17 +12,12 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import FIXTURES, REPO
+from tests.conftest import FIXTURES, REPO, require_tools
 from tests.service.conftest import Server, free_port
 
 PROM = REPO / "deploy" / "prometheus"
 DASHBOARD = REPO / "deploy" / "grafana" / "deepserve.json"
-MISSING = [tool for tool in ("prometheus", "promtool") if shutil.which(tool) is None]
-# CI installs them (make tools); elsewhere a missing Prometheus skips, loudly
-pytestmark = pytest.mark.skipif(
-    bool(MISSING) and not os.environ.get("CI"),
-    reason=f"{MISSING} not installed: run `make tools` (Debian's prometheus package)",
-)
+pytestmark = require_tools("prometheus", "promtool")
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess:
@@ -114,6 +107,19 @@ def send_traffic(base: str) -> None:
             assert c.post("/generate", json={"n": 0}).status_code == 400  # a rejection, for its panel
 
 
+def rfc3339(stamp: str) -> float:
+    """Prometheus' timestamps ("2026-11-29T21:15:27.123456789Z" or with an offset) -> epoch seconds."""
+    import datetime
+    import re
+
+    m = re.match(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)?$", stamp)
+    if not m:
+        return 0.0
+    zone = "+00:00" if m.group(3) in (None, "Z") else m.group(3)
+    base = datetime.datetime.fromisoformat(m.group(1) + zone).timestamp()
+    return base + float(m.group(2) or 0)
+
+
 def query(url: str, expr: str) -> list:
     body = httpx.get(url + "/api/v1/query", params={"query": expr}, timeout=10).json()
     assert body["status"] == "success", f"{expr}: {body}"
@@ -126,10 +132,23 @@ def test_prometheus_scrapes_deepserve_and_every_rule_and_panel_has_data(stack):
     while not query(url, 'up{job="deepserve"} == 1'):
         assert time.monotonic() < deadline, "Prometheus never scraped deepserve"
         time.sleep(0.5)
+    scrapes = lambda: float(query(url, 'count_over_time(up{job="deepserve"}[10m])')[0]["value"][1])
     for _ in range(3):  # spread over several scrapes, so rate() has two points per series
+        seen = scrapes()
         send_traffic(server.url)
-        time.sleep(1.5)
-    time.sleep(3)  # a last scrape and a rule evaluation
+        while scrapes() <= seen:  # wait for the next scrape, not a fixed time
+            assert time.monotonic() < deadline + 60, "Prometheus stopped scraping"
+            time.sleep(0.2)
+
+    def evaluated_after(t: float) -> bool:  # every rule group has been evaluated since t
+        groups = httpx.get(url + "/api/v1/rules", timeout=10).json()["data"]["groups"]
+        return all(rfc3339(g.get("lastEvaluation", "")) > t for g in groups)
+
+    last_traffic = time.time()
+    seen = scrapes()
+    while scrapes() <= seen or not evaluated_after(last_traffic):  # a last scrape and a rule evaluation
+        assert time.monotonic() < deadline + 90, "no scrape or rule evaluation after the traffic"
+        time.sleep(0.2)
 
     groups = httpx.get(url + "/api/v1/rules", timeout=10).json()["data"]["groups"]
     rules = [r for g in groups for r in g["rules"]]

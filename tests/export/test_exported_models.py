@@ -34,12 +34,8 @@ def test_file_metadata_and_signature_agree(name):
     meta = json.loads((EXPORTED / files.metadata).read_text())
     path = EXPORTED / files.file
     assert sha256_file(path) == meta["sha256"] == files.sha256
-    assert (
-        meta["family"] == entry.family
-        and meta["task"] == entry.task
-        and meta.get("meets_bars", True) is True
-        and meta["smoke"]
-    )
+    assert meta["family"] == entry.family and meta["task"] == entry.task
+    assert meta["meets_bars"] is True  # written by make evaluate; absent means never evaluated
     assert path.stat().st_size < 10 * 1024 * 1024  # well under the 25 MB limit
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = [(i.name, i.type) for i in session.get_inputs()]
@@ -49,8 +45,15 @@ def test_file_metadata_and_signature_agree(name):
     for spec, inp in zip(meta["inputs"], session.get_inputs()):
         assert inp.shape[0] == "batch" and len(inp.shape) == len(spec["shape"])
     assert meta["training"]["command"].startswith("python -m training")
-    assert max(meta["parity"]["max_abs_diff"].values()) <= 1e-4
     assert meta["metrics"], "run `make evaluate` to record metrics"
+    # recomputed, not read back: the file on disk still gives the outputs recorded beside it
+    smoke = np.load(path.parent / meta["smoke"]["file"])
+    feeds = {k.removeprefix("in:"): smoke[k] for k in smoke.files if k.startswith("in:")}
+    outs = session.run(None, feeds)
+    for spec, got_out in zip(meta["outputs"], outs):
+        want_out = smoke[f"out:{spec['name']}"]
+        assert got_out.shape == want_out.shape
+        assert float(np.abs(got_out - want_out).max()) <= meta["smoke"]["atol"], spec["name"]
 
 
 @pytest.fixture(scope="module")

@@ -2,17 +2,14 @@
 endpoint, results and the report's target table come out (the real run is `make bench`)."""
 
 import json
-import shutil
 import subprocess
 import sys
 
-import pytest
-
 from bench.report import targets
-from tests.conftest import REPO
+from tests.conftest import REPO, require_tools
 
 
-@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk not installed: make tools")
+@require_tools("wrk")
 def test_bench_smoke(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import httpx
+import yaml
 
 from tests.conftest import FIXTURES, REPO
 from tests.service.conftest import Server
@@ -49,4 +50,5 @@ def test_the_gpu_bento_builds_with_onnxruntime_gpu_and_cuda(tmp_path):
     bento = tmp_path / "bentoml" / "bentos" / "deepserve-gpu" / tag.split(":")[1]
     manifest = (bento / "bento.yaml").read_text()
     assert "onnxruntime-gpu==1.31.1" in (bento / "env" / "python" / "requirements.txt").read_text()
-    assert "DEEPSERVE_DEVICE" in manifest and "cuda" in manifest
+    envs = {e["name"]: e.get("value") for e in yaml.safe_load(manifest).get("envs", [])}
+    assert envs.get("DEEPSERVE_DEVICE") == "cuda", envs

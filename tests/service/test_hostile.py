@@ -78,9 +78,26 @@ class Bystander(threading.Thread):
         return {
             "failed": [r for r in self.results if not r[1]],
             "max_s": {k: max(v) for k, v in lat.items()},
-            "p99_s": {k: float(np.percentile(v, 99)) for k, v in lat.items()},
+            "p95_s": {k: float(np.percentile(v, 95)) for k, v in lat.items()},
             "n": len(self.results),
         }
+
+
+def baseline(url: str, seconds: float = 1.5) -> dict:
+    """The bystander's own latencies on this machine right now, with no attack: what an
+    attack's figures are compared with (a loaded CI machine is slower for both)."""
+    quiet = Bystander(url)
+    quiet.start()
+    time.sleep(seconds)
+    return quiet.report()
+
+
+def not_held_up(during: dict, quiet: dict) -> None:
+    """Bystanders are not held up: p95 within 5x the quiet p95 (and never above 1 s), so a
+    probe or a small request never waits behind the attack's decoding."""
+    for kind in ("readyz", "classify"):
+        bound = min(1.0, max(0.2, 5 * quiet["p95_s"][kind]))
+        assert during["p95_s"][kind] < bound, (kind, during, quiet)
 
 
 @pytest.fixture(scope="module")
@@ -137,24 +154,27 @@ def test_images_that_decode_to_millions_of_pixels_do_not_hurt_bystanders(server,
     loop, so the probes and small requests next to it are not held up."""
     body = blank_png(*shape)
     assert len(body) < 100_000
+    quiet = baseline(server.url)
     statuses, report, grew = under_attack(server, [body] * 4)
     assert set(statuses) <= {200, 503}, statuses  # served, or shed while the decoder is busy
     assert 200 in statuses
     assert not report["failed"], report["failed"][:5]
-    assert report["max_s"]["readyz"] < 1.0, report  # a probe never waits behind a decode
-    assert report["p99_s"]["classify"] < 1.0, report
+    not_held_up(report, quiet)
     assert grew < 1.0 * 2**30, f"memory grew by {grew / 2**20:.0f} MiB"
 
 
 def test_pixels_are_budgeted_per_request_from_the_headers(server):
     """Three 16 M-pixel images in one request: 413 from the headers, before any decoding."""
     big = blank_png(4000, 4000)
-    start = time.monotonic()
+    decodes = lambda lines: metric_total(lines, "deepserve_stage_seconds_count", 'stage="decode"')
+    before = decodes(scrape_lines(server.url))
     r = httpx.post(
         server.url + "/classify", files=[("image", (f"{i}.png", big, "image/png")) for i in range(3)], timeout=30
     )
     assert r.status_code == 413 and "pixels together" in r.json()["error"], r.text
-    assert time.monotonic() - start < 2  # refused from the headers: 48 M pixels never decoded
+    assert r.json()["limit"] > 0
+    # refused from the headers: the server's decode stage never ran for it (48 M pixels never decoded)
+    assert decodes(scrape_lines(server.url)) == before
 
 
 def test_a_thousand_stalled_uploads_change_nothing_for_a_normal_client():
@@ -173,6 +193,7 @@ def test_a_thousand_stalled_uploads_change_nothing_for_a_normal_client():
             b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=zz\r\n"
             b"Content-Length: 100000\r\n\r\n--zz\r\n"
         )
+        quiet = baseline(s.url)
         for _ in range(stalled_count):
             sock = socket.create_connection(("127.0.0.1", s.port))
             sock.sendall(head)
@@ -185,7 +206,8 @@ def test_a_thousand_stalled_uploads_change_nothing_for_a_normal_client():
                 r = c.post("/classify", files={"image": ("7.png", SEVEN, "image/png")})
                 assert r.status_code == 200 and r.json()["label"] == "7", r.text
                 times.append(time.monotonic() - t0)
-        assert len(times) >= 10 and float(np.percentile(times, 95)) < 0.5, times
+        bound = max(0.2, 5 * quiet["p95_s"]["classify"])  # against this machine's quiet p95, measured first
+        assert len(times) >= 10 and float(np.percentile(times, 95)) < bound, (times, quiet["p95_s"])
         answered = 0
         for sock in socks:
             sock.settimeout(max(0.1, started + 15 - time.monotonic()))
@@ -204,8 +226,34 @@ def scrape_lines(url: str) -> list[str]:
     return [line for line in httpx.get(url + "/metrics", timeout=10).text.splitlines() if line and line[0] != "#"]
 
 
+def metric_total(lines: list[str], name: str, *labels: str) -> float:
+    """The sum of a metric's samples whose line carries every label given (`code="5` ...)."""
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in lines
+        if line.startswith(name) and all(label in line for label in labels)
+    )
+
+
+def settled(url: str, name: str, *labels: str, quiet: float = 0.6, deadline: float = 20) -> list[str]:
+    """Scrape until `name` stops changing for `quiet` seconds (the server has finished the
+    work it accepted), instead of sleeping a fixed time."""
+    end = time.monotonic() + deadline
+    lines = scrape_lines(url)
+    last, since = metric_total(lines, name, *labels), time.monotonic()
+    while time.monotonic() < end:
+        time.sleep(0.2)
+        lines = scrape_lines(url)
+        value = metric_total(lines, name, *labels)
+        if value != last:
+            last, since = value, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return lines
+    return lines
+
+
 def test_clients_that_hang_up_cost_no_5xx_no_traceback_and_no_model_work(server):
-    before = "\n".join(scrape_lines(server.url))
+    before = scrape_lines(server.url)
     head = b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=zz\r\nContent-Length: 10000\r\n\r\n--zz\r\n"
     for _ in range(30):  # mid-upload
         sock = socket.create_connection(("127.0.0.1", server.port))
@@ -219,26 +267,16 @@ def test_clients_that_hang_up_cost_no_5xx_no_traceback_and_no_model_work(server)
 
     with concurrent.futures.ThreadPoolExecutor(32) as pool:
         list(pool.map(impatient, range(64)))
-    time.sleep(2)
-    lines = scrape_lines(server.url)
-    closed = sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in lines
-        if "deepserve_rejected_requests_total" in line and "client_closed" in line
-    )
+    lines = settled(server.url, "deepserve_batch_rows_sum", 'model="generator"')
+    delta = lambda name, *labels: metric_total(lines, name, *labels) - metric_total(before, name, *labels)
+    closed = delta("deepserve_rejected_requests_total", "client_closed")
     assert closed >= 30, [line for line in lines if "rejected" in line]
-    fives = [line for line in lines if line.startswith("deepserve_http_requests_total") and 'code="5' in line]
-    assert not fives, fives
+    assert delta("deepserve_http_requests_total", 'code="5') == 0, [ln for ln in lines if 'code="5' in ln]
     assert "Traceback" not in server.log() and "Exception in ASGI" not in server.log()
-    assert before  # (the scrape worked before, too)
-    # the generations whose clients were gone before their batch started never ran: fewer
-    # rows than requested reached the generator
-    rows = sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in lines
-        if line.startswith("deepserve_batch_rows_sum") and 'model="generator"' in line
-    )
-    assert rows < 64 * 64 + 64 * 3 * 12  # 64 requests of 64 rows (plus warm-up) would be at least this
+    # the generations whose clients were gone before their batch started never ran: fewer rows
+    # than the 64 requests × 64 rows asked for reached the generator (counted from this test's start)
+    rows = delta("deepserve_batch_rows_sum", 'model="generator"')
+    assert 0 < rows < 64 * 64, rows
 
 
 def test_every_5xx_counted_reached_a_client_and_hang_ups_while_shed_are_client_closed():
@@ -358,4 +396,86 @@ def test_an_open_port_without_an_api_key_is_logged_loudly():
     try:
         assert "with no API key" not in s.log()
     finally:
+        s.stop()
+
+
+def test_slow_drip_uploads_are_cut_with_408_and_closed_while_a_slow_client_succeeds():
+    """Bodies that progress but average under the minimum rate (one byte every 0.5 s: the idle
+    rule never fires) get 408 `body_too_slow` within the grace + a couple of seconds and
+    their sockets are closed; a 1 MB image over a 200 kB/s link still gets its answer;
+    bystanders are not held up."""
+    drips_count, grace = 300, 2.0
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = 2 * drips_count + 500
+    if hard != resource.RLIM_INFINITY and hard < need:
+        pytest.skip(f"needs {need} file descriptors (ulimit -n), the hard limit is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, need), hard))
+    s = Server(env={"DEEPSERVE_BODY_RATE_GRACE_S": str(grace), "DEEPSERVE_BODY_MIN_RATE": "1024"})
+    socks = []
+    try:
+        quiet = baseline(s.url)
+        head = (
+            b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=zz\r\n"
+            b"Content-Length: 100000\r\n\r\n"
+        )
+        for _ in range(drips_count):
+            sock = socket.create_connection(("127.0.0.1", s.port))
+            sock.sendall(head)
+            sock.setblocking(False)
+            socks.append(sock)
+        started = time.monotonic()
+        bystander = Bystander(s.url)
+        bystander.start()
+        cut, answers = {}, {}
+        while len(cut) < drips_count and time.monotonic() - started < grace + 8:
+            for i, sock in enumerate(socks):
+                if i in cut:
+                    continue
+                with contextlib.suppress(BlockingIOError, InterruptedError):
+                    data = sock.recv(4096)
+                    answers[i] = answers.get(i, b"") + data
+                    if not data:  # the server closed the connection
+                        cut[i] = time.monotonic() - started
+                        continue
+                with contextlib.suppress(OSError):
+                    sock.send(b"-")  # progress: one byte at a time
+            time.sleep(0.5)
+        report = bystander.report()
+        assert len(cut) == drips_count, f"{drips_count - len(cut)} drips still open after {grace + 8} s"
+        assert max(cut.values()) < grace + 4, sorted(cut.values())[-5:]
+        got = [a for a in answers.values() if a.startswith(b"HTTP/1.1 408")]
+        assert len(got) >= 0.99 * drips_count, f"only {len(got)} drips were answered 408"
+        assert b"body_too_slow" in got[0] or b"bytes/s" in got[0], got[0][:300]
+        not_held_up(report, quiet)
+        metrics = httpx.get(s.url + "/metrics").text
+        assert re.search(
+            r'deepserve_rejected_requests_total\{endpoint="/classify",reason="body_too_slow"\} \d+', metrics
+        )
+
+        # a slow but reasonable client: a 1 MB image at 200 kB/s, straight to the server
+        noise = np.random.default_rng(0).integers(0, 256, (1000, 1000), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(noise).save(buf, format="PNG", compress_level=0)
+        body = (
+            b'--zz\r\nContent-Disposition: form-data; name="image"; filename="big.png"\r\n'
+            b"Content-Type: image/png\r\n\r\n" + buf.getvalue() + b"\r\n--zz--\r\n"
+        )
+        assert len(body) > 1_000_000
+        slow = socket.create_connection(("127.0.0.1", s.port))
+        slow.sendall(
+            b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=zz\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        )
+        t0 = time.monotonic()
+        for k in range(0, len(body), 20_000):  # 20 kB every 0.1 s = 200 kB/s
+            slow.sendall(body[k : k + 20_000])
+            time.sleep(max(0.0, t0 + (k // 20_000 + 1) * 0.1 - time.monotonic()))
+        slow.settimeout(30)
+        answer = slow.recv(4096)
+        slow.close()
+        assert time.monotonic() - t0 > 4  # it really was slow
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+    finally:
+        for sock in socks:
+            sock.close()
         s.stop()

@@ -4,15 +4,18 @@ Inference Protocol under /v2) and BentoML's own (SyncHTTPClient, from /schema.js
 from __future__ import annotations
 
 import io
+import json
+import re
 
 import bentoml
+import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import FIXTURES, active_meta, manifest, png
+from tests.conftest import EXPORTED, FIXTURES, active_meta, manifest, png
 
 SEVEN = FIXTURES / "mnist_test0_label7.png"
 
@@ -103,6 +106,82 @@ def test_tritonclient_raw_models_generate_compress_and_denoise(tc):
     latent = tc.infer("encoder", [x]).as_numpy("latent")
     assert latent.shape == (4, 32) and latent.min() >= 0 and latent.max() <= 1
     assert tc.infer("denoiser", [x]).as_numpy("image_out").shape == (4, 1, 28, 28)
+
+
+LOADED = [(name, which) for name in manifest()["models"] for which in ("active", "previous")]
+
+
+@pytest.mark.parametrize("name, which", LOADED, ids=[f"{n}-{w}" for n, w in LOADED])
+def test_tritonclient_describes_and_runs_every_loaded_version_with_its_own_signature(tc, name, which):
+    m = manifest()  # read now: a retrain may have registered a version since collection
+    entry = m["models"][name]
+    version = m["families"][entry["family"]][which]
+    if version is None:
+        pytest.skip(f"{entry['family']} has no {which} version")
+    meta = json.loads((EXPORTED / entry["versions"][version]["metadata"]).read_text())
+    dtypes = {"float32": "FP32", "int64": "INT64"}
+    want = [
+        {
+            "name": t["name"],
+            "datatype": dtypes[t["dtype"]],
+            "shape": [d if isinstance(d, int) else -1 for d in t["shape"]],
+        }
+        for t in meta["inputs"]
+    ]
+    described = tc.get_model_metadata(name, version)
+    assert described["inputs"] == want
+    assert [o["name"] for o in described["outputs"]] == [o["name"] for o in meta["outputs"]]
+    inputs = []
+    for t in want:  # zeros, and ones for integers (token ids, lengths and digits all accept 1)
+        shape = [2 if i == 0 else (3 if d == -1 else d) for i, d in enumerate(t["shape"])]
+        inp = triton.InferInput(t["name"], shape, t["datatype"])
+        inp.set_data_from_numpy(np.zeros(shape, np.float32) if t["datatype"] == "FP32" else np.ones(shape, np.int64))
+        inputs.append(inp)
+    r = tc.infer(name, inputs, model_version=version).get_response()
+    assert r["model_version"] == version
+    assert [o["name"] for o in r["outputs"]] == [o["name"] for o in meta["outputs"]]
+
+
+def trust_counts(server, model: str) -> tuple[float, float]:
+    """(classifications in deepserve_prediction_confidence, in deepserve_predictions_total)
+    of one model, from /metrics (the scrape flushes the worker's aggregated metrics)."""
+    confidence = verdicts = 0.0
+    for line in httpx.get(server.url + "/metrics", timeout=30).text.splitlines():
+        found = re.match(
+            r"^(deepserve_prediction_confidence_count|deepserve_predictions_total)\{([^}]*)\} (\S+)$", line
+        )
+        if found and f'model="{model}"' in found.group(2).split(","):
+            if found.group(1) == "deepserve_predictions_total":
+                verdicts += float(found.group(3))
+            else:
+                confidence += float(found.group(3))
+    return confidence, verdicts
+
+
+@pytest.mark.parametrize(
+    "model",
+    [n for n, e in manifest()["models"].items() if e["task"] in ("image-classification", "text-classification")],
+)
+def test_v2_classifications_feed_the_trust_metrics_by_the_rows_sent(server, tc, model, sst2_dev200):
+    task = manifest()["models"][model]["task"]
+    if task == "image-classification":
+        samples = {"fashion": "fashion_test500.npz"}.get(model, "mnist_test500.npz")
+        pre = active_meta(model)["preprocessing"]
+        images = np.load(FIXTURES / samples)["images"][:40]
+        x = ((images.astype(np.float32) / 255 - pre["mean"]) / pre["std"]).astype(np.float32)[:, None]
+        inp = triton.InferInput("image", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        name, rows = model, len(x)
+    else:
+        texts = sst2_dev200[0][:30]
+        inp = triton.InferInput("text", [len(texts)], "BYTES")
+        inp.set_data_from_numpy(np.array([t.encode() for t in texts], dtype=object))
+        name, rows = f"{model}_text", len(texts)
+    before = trust_counts(server, model)
+    tc.infer(name, [inp])
+    tc.infer(name, [inp])
+    after = trust_counts(server, model)
+    assert (after[0] - before[0], after[1] - before[1]) == (2 * rows, 2 * rows)
 
 
 @pytest.mark.parametrize(

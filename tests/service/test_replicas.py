@@ -7,7 +7,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
 import threading
@@ -15,13 +14,12 @@ import time
 
 import httpx
 import psutil
-import pytest
 
-from tests.conftest import FIXTURES, REPO
+from tests.conftest import FIXTURES, REPO, require_tools
 from tests.service.conftest import Server, free_port
 
 SEVEN = (FIXTURES / "mnist_test0_label7.png").read_bytes()
-pytestmark = pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy not installed: make tools")
+pytestmark = require_tools("haproxy")
 
 
 def kill_replica(server: Server) -> None:

@@ -79,22 +79,33 @@ def test_a_result_count_mismatch_fails_the_batch_loudly():
         asyncio.run(main())
 
 
+async def _until(condition, timeout: float = 5.0) -> None:
+    """Poll the event loop until `condition()` holds: synchronisation without fixed sleeps."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.001)
+
+
 def test_sheds_when_the_predicted_wait_is_over_the_latency_limit():
-    release = threading.Event()
+    started, release = threading.Event(), threading.Event()
 
     def slow(items):
+        started.set()
         release.wait(5)
         return list(items)
 
     async def main():
-        b = _batcher(slow, max_latency_ms=160, max_batch_size=1)
+        b = _batcher(slow, max_latency_ms=1200, max_batch_size=1)
         b.cost.observe(1, 0.05)  # it has learnt that a row costs 50 ms
         first = asyncio.ensure_future(b.submit(0, 1))
-        await asyncio.sleep(0.01)
-        queued = [asyncio.ensure_future(b.submit(i, 1)) for i in (1, 2)]
-        await asyncio.sleep(0.01)
+        await _until(started.is_set)  # the batch thread is running request 0 (at most 50 ms left)
+        queued = [asyncio.ensure_future(b.submit(i, 10)) for i in (1, 2)]  # 0.5 s each: they fit
+        await _until(lambda: len(b.queue) == 2)
+        # with 10 more rows: 1.5 s of queued work > 1.2 s whatever is left of the running batch
+        # (the margins are whole batches, so the verdict does not depend on this machine's speed)
         with pytest.raises(Overloaded):
-            await b.submit(9, 1)  # ~30 ms left of the running batch + three of 50 ms > 160 ms
+            await b.submit(9, 10)
         release.set()
         return await asyncio.gather(first, *queued)
 
@@ -112,11 +123,11 @@ def test_no_work_starts_for_cancelled_or_abandoned_requests():
     async def main():
         b = _batcher(fn, max_batch_size=8)
         first = asyncio.ensure_future(b.submit("busy", 1))
-        await asyncio.sleep(0.01)  # the batch thread is now busy with "busy"
+        await _until(lambda: b.running_until > 0)  # the batch thread is now busy with "busy"
         gone = asyncio.ensure_future(b.submit("timed out", 1))
         hung_up = asyncio.ensure_future(b.submit("client gone", 1, alive=lambda: False))
         kept = asyncio.ensure_future(b.submit("kept", 1))
-        await asyncio.sleep(0.01)
+        await _until(lambda: len(b.queue) == 3)
         gone.cancel()
         release.set()
         await asyncio.gather(first, kept)
@@ -138,21 +149,37 @@ class _Rows(Task):
     name = "test"
 
 
-def test_forward_concatenates_jobs_and_splits_outputs_back_in_order():
-    class FakeModel:
-        output_names = ["out"]
-        calls = []
+def test_forward_concatenates_jobs_and_splits_outputs_back_in_order(tmp_path):
+    """Through a real (tiny) ONNX model: out = 10 * x, dynamic batch; at most max_rows per run."""
+    import onnx
+    from onnx import TensorProto, helper
 
-        def run(self, x):
-            self.calls.append(len(x))
-            return [x * 10]
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "ten"], ["out"])],
+        "times_ten",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 2])],
+        [helper.make_tensor("ten", TensorProto.FLOAT, [], [10.0])],
+    )
+    path = tmp_path / "times_ten.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), str(path))
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    calls = []
+
+    class Counted:  # what Task.forward uses of service.runtime.Model, over a real session
+        output_names = ["out"]
+
+        def run(self, **feeds):
+            calls.append(len(feeds["x"]))
+            return session.run(self.output_names, feeds)
 
     jobs = [Job({"x": np.full((k, 2), k, np.float32)}, k) for k in (1, 3, 2)]
-    model = FakeModel()
-    outs = _Rows().forward(model, jobs, max_rows=4)
+    outs = _Rows().forward(Counted(), jobs, max_rows=4)
     assert [o["out"].shape[0] for o in outs] == [1, 3, 2]
     assert [float(o["out"][0, 0]) for o in outs] == [10, 30, 20]
-    assert model.calls == [4, 2]  # six rows, at most four per ONNX run
+    assert calls == [4, 2]  # six rows, at most four per ONNX run
 
 
 def test_slots_pass_first_come_first_served_and_give_up_after_the_hold():

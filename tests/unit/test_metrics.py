@@ -41,3 +41,13 @@ def test_aggregated_histograms_and_counters_equal_direct_observations():
     after = samples(prom.REGISTRY, "deepserve_http_requests_total", endpoint="/unit-test", code="200")
     assert after[("deepserve_http_requests_total", None)] - before.get(("deepserve_http_requests_total", None), 0) == 3
     assert m is metrics.get()
+
+
+def test_observe_many_equals_one_observe_per_value():
+    values = [0.2, 0.5, 0.55, 0.999, 1.0, 0.95]
+    one, many = metrics.Aggregator(), metrics.Aggregator()
+    for v in values:
+        one.observe("confidence", ("unit-model",), v)
+    many.observe_many("confidence", ("unit-model",), values[:2])
+    many.observe_many("confidence", ("unit-model",), values[2:])
+    assert many.histograms == one.histograms

@@ -14,17 +14,38 @@ from service import preprocessing as pp
             "It's a charming, often affecting journey.",
             ["it", "'s", "a", "charming", ",", "often", "affecting", "journey", "."],
         ),
-        ("I DON'T like it!!", ["i", "do", "n't", "like", "it", "!", "!"]),
+        ("I DON'T like it!!", ["i", "do", "n't", "like", "it", "!"]),
         ("  spaced\tout\n", ["spaced", "out"]),
         ("we'll see \u2014 maybe", ["we", "'ll", "see", "\u2014", "maybe"]),
         ("well-made film", ["well-made", "film"]),
-        ("great \U0001f600 movie", ["great", "\U0001f600", "movie"]),
+        ("great \U0001f600 movie", ["great", "movie"]),
+        (
+            "didn\u2019t LOVE it &amp; that\u2019s ok...",
+            ["did", "n't", "love", "it", "&", "that", "'s", "ok", ".", ".", "."],
+        ),
+        ("see http://x.org/a?b=1 or www.y.com now", ["see", "or", "now"]),
+        ("<b>bold</b> &quot;move&quot;", ["bold", '"', "move", '"']),
+        ("what?!?! no!!!", ["what", "?", "!", "?", "!", "no", "!"]),
         ("", []),
         ("   ", []),
     ],
 )
 def test_tokenize_matches_sst2_conventions(text, tokens):
     assert pp.tokenize(text) == tokens
+
+
+def test_tokenize_leaves_sst2_text_as_it_was():
+    """SST-2 is already in the conventions: normalization must not change a token of it (the
+    vocabulary and the model were built on these tokens)."""
+    for text in ["it 's slow -- very , very slow .", "xxx is a blast", "undead * * *", "... the film ( a mess ) ..."]:
+        assert pp.tokenize(text) == pp.tokenize(text, normalize=False)
+
+
+def test_encode_recovers_elongated_words_the_vocabulary_knows():
+    index = {"<pad>": 0, "<unk>": 1, "so": 2, "good": 3, "xxx": 4, "boring": 5}
+    assert pp.encode(pp.tokenize("Sooooo GOOOOOD"), index) == [2, 3]
+    assert pp.encode(pp.tokenize("xxx boriiiing"), index) == [4, 5]
+    assert pp.encode(pp.tokenize("zzzz"), index) == [pp.UNK]
 
 
 def test_encode_maps_unknown_words_and_truncates():

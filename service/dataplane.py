@@ -1,0 +1,43 @@
+"""The one path of a model request, whatever the protocol (KServe's DataPlane.infer).
+
+A protocol decides how a request names its model and version, how its body becomes a job and
+how the result becomes an answer: the task routes (/classify, ...: service.routes) and the
+Open Inference Protocol (/v2: service.v2). Everything between is here, once: the version is
+resolved (the active one, or a pinned one that is loaded), the model's batcher may shed the
+request before anything is decoded, a slot of model work is held while the body is decoded
+and the job is batched, and the stages land in Server-Timing. The finish step (metrics, trust)
+belongs to the job: the batch thread runs it for every protocol alike.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from service.httpkit import Response
+from service.runtime import Model
+from service.tasks import Job
+
+
+async def infer(
+    app,
+    req,
+    name: str,
+    version: str | None,
+    decode: Callable[[Model], Awaitable[Job]],
+    encode: Callable[[Model, Job, Any], Response],
+) -> Response:
+    """Resolve `name` at `version` (None: active), admit, then in a slot `decode(model)` and
+    batch the job; `encode(model, job, result)` makes the answer. NotServed, ApiError and
+    Overloaded propagate to the app's one error table."""
+    model, batcher = app.core.resolve(name, version)
+    batcher.admit(1)  # shed before decoding anything when the model's queue is already too long
+    async with app.work():
+        job = await decode(model)
+        result = await batcher.submit(job, job.rows, req.alive, time.perf_counter() - req.start)
+    req.timings["queue"], req.timings["infer"] = job.queued_s, job.infer_s
+    started = time.perf_counter()
+    resp = encode(model, job, result)
+    req.timings["encode"] = time.perf_counter() - started
+    return resp
