@@ -108,7 +108,12 @@ def test_tritonclient_raw_models_generate_compress_and_denoise(tc):
     assert tc.infer("denoiser", [x]).as_numpy("image_out").shape == (4, 1, 28, 28)
 
 
-LOADED = [(name, which) for name in manifest()["models"] for which in ("active", "previous")]
+LOADED = [
+    (name, which)
+    for name, entry in manifest()["models"].items()
+    for which in ("active", "previous")
+    if manifest()["families"][entry["family"]][which] is not None
+]
 
 
 @pytest.mark.parametrize("name, which", LOADED, ids=[f"{n}-{w}" for n, w in LOADED])
@@ -116,8 +121,6 @@ def test_tritonclient_describes_and_runs_every_loaded_version_with_its_own_signa
     m = manifest()  # read now: a retrain may have registered a version since collection
     entry = m["models"][name]
     version = m["families"][entry["family"]][which]
-    if version is None:
-        pytest.skip(f"{entry['family']} has no {which} version")
     meta = json.loads((EXPORTED / entry["versions"][version]["metadata"]).read_text())
     dtypes = {"float32": "FP32", "int64": "INT64"}
     want = [
