@@ -94,13 +94,14 @@ train-smoke: $(VENV)/.dev-installed
 	@set -e; start=$$(date +%s); for f in $(FAMILIES); do $(PY) -m training $$f --dry-run --out runs/dry-run; done; \
 	  echo "train-smoke: every family ran in $$(( $$(date +%s) - start )) s"
 
-# a new, inactive version of one family in the model directory, evaluated against its bars,
+# a new, inactive version of one family in the model directory the server reads
+# (DEEPSERVE_EXPORTED_DIR when set, else exported/), evaluated against its bars,
 # with its smoke set; prints the admin call that loads it into a running server
 FAMILY ?=
 EPOCHS ?=
 publish: $(VENV)/.dev-installed
 	@test -n "$(FAMILY)" || { echo "usage: make publish FAMILY=<$$($(PY) -m training --list | tr ' ' '|')> [EPOCHS=n]"; exit 2; }
-	$(PY) -m training.publish $(FAMILY) $(if $(EPOCHS),--epochs $(EPOCHS))
+	$(PY) -m training.publish $(FAMILY) --exported "$${DEEPSERVE_EXPORTED_DIR:-exported}" $(if $(EPOCHS),--epochs $(EPOCHS))
 
 lint: $(VENV)/.dev-installed
 	$(VENV)/bin/ruff check .

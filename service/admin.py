@@ -20,29 +20,16 @@ Model endpoints are safe to retry; these are not (docs/operations.md).
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import hmac
-import json
 import time
-from pathlib import Path
 
 from service import metrics
 from service.errors import ApiError, bool_field, shown, str_field
 from service.httpkit import Route, json_response
-from service.metadata import MANIFEST, Manifest, read_manifest, read_metadata, write_json_atomic
+from service.metadata import Manifest, read_manifest, read_metadata
+from service.repository import set_active
 from service.runtime import ModelLoadError
 from service.versions import worker_states
-
-
-def set_active(directory: Path, family: str, active: str, previous: str | None) -> None:
-    """Rewrite the manifest's active/previous for one family, under a lock shared by every
-    process that uses the model directory, validated, then atomically replaced."""
-    with open(directory / ".manifest.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        data = json.loads((directory / MANIFEST).read_text())
-        data["families"][family]["active"], data["families"][family]["previous"] = active, previous
-        Manifest.model_validate(data)
-        write_json_atomic(directory / MANIFEST, data)
 
 
 def install(app) -> None:

@@ -322,10 +322,3 @@ def describe(exc: ValidationError) -> str:
         loc = re.sub(r"^(" + "|".join(map(re.escape, TASK_NAMES)) + r")\.?", "", loc) or "(root)"
         parts.append(f"field {loc!r}: {err['msg']}")
     return "; ".join(parts)
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write JSON so that readers see the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    tmp.replace(path)

@@ -31,7 +31,8 @@ from pathlib import Path
 
 from service import metrics
 from service.core import Core, Loaded, load_family
-from service.metadata import MANIFEST, MetadataError, read_manifest, write_json_atomic
+from service.metadata import MANIFEST, MetadataError, read_manifest
+from service.repository import write_json_atomic
 from service.runtime import ModelLoadError
 
 log = logging.getLogger("deepserve")

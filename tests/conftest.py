@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from service import repository
+
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "tests" / "fixtures"
 EXPORTED = REPO / "exported"
@@ -28,7 +30,7 @@ def require_tools(*tools: str):
 
 
 def manifest() -> dict:
-    return json.loads((EXPORTED / "manifest.json").read_text())
+    return repository.raw(EXPORTED)
 
 
 def active_meta(name: str) -> dict:

@@ -84,6 +84,14 @@ MUTANTS = [
         ("tests/service/test_wild.py::test_return_input_shows_what_the_model_saw",),
     ),
     Mutant(
+        "no-manifest-lock",
+        "manifest writers (publish, admin load/rollback) no longer take the repository's lock",
+        "service/repository.py",
+        "        fcntl.flock(lock, fcntl.LOCK_EX)\n",
+        "        pass\n",
+        ("tests/unit/test_repository.py",),
+    ),
+    Mutant(
         "no-text-normalization",
         "text is tokenized without bringing it to SST-2's conventions",
         "service/preprocessing.py",

@@ -67,8 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--exported", default=str(common.EXPORTED))
     args = p.parse_args(argv)
     exported = Path(args.exported)
-    manifest = json.loads((exported / "manifest.json").read_text())
-    source = manifest["families"]["generator"]["active"]
+    from service import repository
+
+    source = repository.read(exported).families["generator"].active
     src = exported / "generator" / source
     meta = json.loads((src / "generator.json").read_text())
     if any(i["name"] == "class_weights" for i in meta["inputs"]):

@@ -5,7 +5,6 @@ ONNX Runtime parity check against PyTorch at batch 1 and at batch >= 32 on real 
 from __future__ import annotations
 
 import hashlib
-import json
 import platform
 import shutil
 from dataclasses import dataclass, field
@@ -172,26 +171,11 @@ def commit_version(out_dir: Path, family: str, staging: Path, metas: dict[str, d
 def register_version(
     out_dir: Path, family: str, version: str, specs: list[tuple[str, str]], digests: list[str], activate: bool
 ) -> None:
-    """Add a family version to the manifest (created if missing); activate it if asked."""
-    from service.metadata import MANIFEST, write_json_atomic
+    """Add a family version to the manifest (created if missing) through its one owner
+    (service.repository: locked, validated, atomic); activate it if asked."""
+    from service import repository
 
-    path = out_dir / MANIFEST
-    manifest = (
-        json.loads(path.read_text()) if path.is_file() else {"format": 2, "defaults": {}, "families": {}, "models": {}}
-    )
-    fam = manifest["families"].get(family)
-    if fam is None:
-        fam = manifest["families"][family] = {"active": version, "previous": None, "models": [n for n, _ in specs]}
-    elif activate and fam["active"] != version:
-        fam["previous"], fam["active"] = fam["active"], version
-    for (name, task), digest in zip(specs, digests):
-        entry = manifest["models"].setdefault(name, {"task": task, "family": family, "versions": {}})
-        entry["versions"][version] = {
-            "file": f"{family}/{version}/{name}.onnx",
-            "metadata": f"{family}/{version}/{name}.json",
-            "sha256": digest,
-        }
-    write_json_atomic(path, manifest)
+    repository.register_version(out_dir, family, version, specs, digests, activate)
 
 
 def versions() -> dict[str, str]:

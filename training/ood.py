@@ -214,16 +214,13 @@ def reliability_diagram(
 
 
 def resolve_model(exported: Path, name: str) -> tuple[Path, Path]:
-    """(onnx path, metadata path) of the active version of `name` in a model directory:
-    the versioned layout (manifest format 2) or the flat one (exported/<name>.json)."""
-    flat = exported / f"{name}.json"
-    if flat.is_file():
-        return exported / json.loads(flat.read_text())["file"], flat
-    manifest = json.loads((exported / "manifest.json").read_text())
-    entry = manifest["models"][name]
-    active = manifest["families"][entry["family"]]["active"]
-    version = entry["versions"][active]
-    return exported / version["file"], exported / version["metadata"]
+    """(onnx path, metadata path) of the active version of `name` in a model directory."""
+    from service import repository
+
+    manifest = repository.read(exported)
+    entry = manifest.models[name]
+    files = entry.versions[manifest.families[entry.family].active]
+    return exported / files.file, exported / files.metadata
 
 
 def sha256(path: Path) -> str:

@@ -50,8 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", default="")
     args = p.parse_args(argv)
     exported, family = Path(args.exported), FAMILIES[args.family]
-    manifest = json.loads((exported / "manifest.json").read_text())
-    source = manifest["families"][family.name]["active"]
+    from service import repository
+
+    source = repository.read(exported).families[family.name].active
     staging = exported / family.name / ".staging"
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(exported / family.name / source, staging, ignore=shutil.ignore_patterns("*.smoke.npz"))

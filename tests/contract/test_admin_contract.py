@@ -4,7 +4,6 @@ heartbeat, following the manifest) but refuses the new version, or never switche
 
 from __future__ import annotations
 
-import json
 import shutil
 import threading
 import time
@@ -12,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from service.metadata import write_json_atomic
+from service import repository
+from service.repository import write_json_atomic
 from service.versions import Follower, status_dir
 from tests.conftest import EXPORTED
 from tests.service.test_versions import add_version
@@ -28,9 +28,9 @@ class OtherWorker(threading.Thread):
         self.directory, self.behaviour, self.stop = directory, behaviour, threading.Event()
 
     def run(self) -> None:
-        old = json.loads((self.directory / "manifest.json").read_text())["families"]["digits"]["active"]
+        old = repository.raw(self.directory)["families"]["digits"]["active"]
         while not self.stop.is_set():
-            active = json.loads((self.directory / "manifest.json").read_text())["families"]["digits"]["active"]
+            active = repository.raw(self.directory)["families"]["digits"]["active"]
             state = {"active": old, "previous": None, "state": "serving", "target": old, "error": None}
             if active != old and self.behaviour == "refuses":
                 state.update(state="failed", target=active, error="out of memory while loading")
@@ -58,7 +58,7 @@ async def _start(follower: Follower) -> None:
 
 
 def active(root: Path) -> str:
-    return json.loads((root / "manifest.json").read_text())["families"]["digits"]["active"]
+    return repository.raw(root)["families"]["digits"]["active"]
 
 
 def test_a_worker_that_refuses_the_version_sends_every_worker_back(setup):

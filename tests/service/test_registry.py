@@ -8,6 +8,7 @@ import shutil
 
 import httpx
 
+from service import repository
 from tests.conftest import EXPORTED, FIXTURES
 from tests.service.conftest import Server
 
@@ -15,7 +16,7 @@ from tests.service.conftest import Server
 def test_a_model_added_by_files_alone_is_served_listed_and_documented(tmp_path):
     root = tmp_path / "exported"
     shutil.copytree(EXPORTED, root, ignore=shutil.ignore_patterns(".status", ".manifest.lock"))
-    m = json.loads((root / "manifest.json").read_text())
+    m = repository.raw(root)
     version = m["families"]["digits"]["active"]
     src, dst = root / "digits" / version, root / "scribbles" / version
     dst.mkdir(parents=True)

@@ -17,6 +17,7 @@ import httpx
 import numpy as np
 import pytest
 
+from service import repository
 from service.runtime import sha256_file
 from tests.conftest import EXPORTED, FIXTURES, manifest
 from tests.service.conftest import Server
@@ -28,7 +29,7 @@ OLD = manifest()["families"]["digits"]["active"]
 
 def add_version(root: Path, family: str, version: str, damage=None) -> None:
     """Copy the family's active version to `version` (optionally damaged) and register it."""
-    m = json.loads((root / "manifest.json").read_text())
+    m = repository.raw(root)
     src = root / family / m["families"][family]["active"]
     dst = root / family / version
     shutil.copytree(src, dst)

@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from service import runtime
+from service import repository, runtime
 from service.core import load_all
 from service.metadata import VersionFiles
 from tests.conftest import EXPORTED, manifest
@@ -29,7 +29,7 @@ def digits_dir(tmp_path):
 
 
 def files(directory) -> tuple[VersionFiles, dict]:
-    m = json.loads((directory / "manifest.json").read_text())
+    m = repository.raw(directory)
     version = m["families"]["digits"]["active"]
     vf = VersionFiles(**m["models"]["digits"]["versions"][version])
     return vf, json.loads((directory / vf.metadata).read_text())
