@@ -26,6 +26,11 @@ class OtherWorker(threading.Thread):
     def __init__(self, directory: Path, behaviour: str):
         super().__init__(daemon=True)
         self.directory, self.behaviour, self.stop = directory, behaviour, threading.Event()
+        self.reported = threading.Event()  # its first status file is written
+
+    def start(self) -> None:
+        super().start()
+        assert self.reported.wait(10), "the other worker never reported"
 
     def run(self) -> None:
         old = repository.raw(self.directory)["families"]["digits"]["active"]
@@ -37,6 +42,7 @@ class OtherWorker(threading.Thread):
             status_dir(self.directory).mkdir(exist_ok=True)
             write_json_atomic(status_dir(self.directory) / "elsewhere-2.json",
                               {"worker": "elsewhere-2", "pid": 0, "heartbeat": time.time(), "families": {"digits": state}})  # fmt: skip
+            self.reported.set()
             time.sleep(0.1)
 
 
@@ -65,24 +71,23 @@ def test_a_worker_that_refuses_the_version_sends_every_worker_back(setup):
     root, ip = setup
     old = active(root)
     other = OtherWorker(root, "refuses")
-    other.start()
+    other.start()  # returns once its status file is there
     try:
-        time.sleep(0.3)
         r = ip.client.post("/admin/models/digits/load", json={"version": "2099-03-01-candidate"}, headers=ADMIN)
     finally:
         other.stop.set()
     assert r.status_code == 409, r.text
     assert "out of memory while loading" in r.json()["error"] and f"back on {old}" in r.json()["error"]
     assert active(root) == old  # the manifest is put back
-    assert ip.client.get("/models").json()["models"][0]["version"] == old  # and this worker returned to it
+    digits = next(m for m in ip.client.get("/models").json()["models"] if m["name"] == "digits")
+    assert digits["version"] == old  # and this worker returned to it
 
 
 def test_a_worker_that_never_switches_gives_504_with_every_worker_s_state(setup):
     root, ip = setup
     other = OtherWorker(root, "never switches")
-    other.start()
+    other.start()  # returns once its status file is there
     try:
-        time.sleep(0.3)
         r = ip.client.post("/admin/models/digits/load", json={"version": "2099-03-01-candidate"}, headers=ADMIN)
     finally:
         other.stop.set()

@@ -221,8 +221,18 @@ def test_a_swap_under_steady_load_drops_nothing_and_every_worker_switches(server
         )
 
 
-def test_pinning_a_loaded_version_and_404_for_others(server):
-    assert digits_version(server) == "2099-01-01-good"
+def make_active(server, model_dir, version: str) -> None:
+    """Each test sets up the state it needs (digits: `version` active, OLD previous) through
+    the manifest, which every worker follows: no test depends on another having run first."""
+    repository.set_active(model_dir, "digits", version, OLD)
+    deadline = time.monotonic() + 30
+    while digits_version(server) != version:
+        assert time.monotonic() < deadline, "the workers never followed the manifest"
+        time.sleep(0.2)
+
+
+def test_pinning_a_loaded_version_and_404_for_others(server, model_dir):
+    make_active(server, model_dir, "2099-01-01-good")
     files = {"image": ("7.png", SEVEN, "image/png")}
     for _ in range(6):  # fresh connections: both workers answer
         r = httpx.post(server.url + "/classify", files=files, data={"model_version": OLD})
@@ -244,9 +254,8 @@ def test_a_family_swaps_as_a_unit(server):
 
 
 def test_a_restart_serves_the_last_active_version(server, model_dir):
-    assert digits_version(server) == "2099-01-01-good"
-    server.stop()
-    again = Server(env={"DEEPSERVE_EXPORTED_DIR": str(model_dir)})
+    make_active(server, model_dir, "2099-01-01-good")
+    again = Server(env={"DEEPSERVE_EXPORTED_DIR": str(model_dir)})  # a fresh start on the same model directory
     try:
         assert digits_version(again) == "2099-01-01-good"
         versions = next(m for m in httpx.get(again.url + "/models").json()["models"] if m["name"] == "digits")[
