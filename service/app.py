@@ -40,7 +40,7 @@ import orjson
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from service import images, metrics, tasks
+from service import images, metrics, tasks, tracing
 from service import routes as route_table
 from service.batching import Overloaded
 from service.core import Core, NotServed
@@ -76,7 +76,8 @@ def new_id() -> str:
 
 
 class RequestIdFilter(logging.Filter):
-    """Every deepserve log line about a request carries its id."""
+    """Every deepserve log line about a request carries its id (and, when tracing is on, its
+    trace id and span id)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         rid = REQUEST_ID.get()
@@ -108,6 +109,9 @@ class Request:
         "app",
         "settings",
         "_alive",
+        "span",
+        "span_attributes",
+        "starts",
     )
 
     def __init__(self, app: App, scope, receive):
@@ -121,7 +125,8 @@ class Request:
         self.cancelled = threading.Event()  # set when the request ends without an answer in flight
         owner = getattr(receive, "__self__", None)  # uvicorn's RequestResponseCycle
         self._alive = (lambda: not owner.disconnected) if hasattr(owner, "disconnected") else None
-        self.trace = None
+        self.trace = None  # (version, trace id, parent span id, flags) from a W3C traceparent
+        self.span = self.span_attributes = self.starts = None  # tracing on: its span, stage start times
         self.id = self._request_id()
 
     @property
@@ -136,11 +141,21 @@ class Request:
     def _request_id(self) -> str:
         tp = TRACEPARENT.match(self.header("traceparent").strip().lower())
         if tp and tp.group(2) != "0" * 32:
-            self.trace = (tp.group(1), tp.group(2), tp.group(4))
+            self.trace = (tp.group(1), tp.group(2), tp.group(3), tp.group(4))
         given = self.header("x-request-id").strip()
         if SAFE_ID.match(given):
             return given
         return self.trace[1] if self.trace else new_id()
+
+    def stage(self, name: str, started: float, seconds: float | None = None) -> None:
+        """A stage of the request (Server-Timing; its start too when the request is traced)."""
+        self.timings[name] = time.perf_counter() - started if seconds is None else seconds
+        if self.span is not None:
+            (self.starts if self.starts is not None else self._new_starts())[name] = started
+
+    def _new_starts(self) -> dict[str, float]:
+        self.starts = {}
+        return self.starts
 
     def hung_up(self) -> bool:
         """True once the client's connection is closed (as far as the server can tell)."""
@@ -208,7 +223,7 @@ class Request:
             raise ApiError(
                 408, f"the request body made no progress for {idle:g} s ({size} bytes received)", "body_timeout"
             ) from None
-        self.timings["read"] = time.perf_counter() - started
+        self.stage("read", started)
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def json_body(self, limit: int) -> Any:
@@ -266,7 +281,7 @@ class Request:
             arrays = [images.decode(u, pre) for u in uploads]
         else:
             arrays = await self.app.decode_off_loop(self, uploads, pre, total)
-        self.timings["decode"] = time.perf_counter() - started
+        self.stage("decode", started)
         return np.stack(arrays)
 
 
@@ -400,7 +415,12 @@ class App:
 
     async def handle(self, scope, receive, send, path: str) -> None:
         req = Request(self, scope, receive)
-        token = REQUEST_ID.set(req.id)
+        if tracing.TRACER is not None:
+            req.span = tracing.start_request(req)
+            ctx = req.span.get_span_context()
+            token = REQUEST_ID.set(f"{req.id} trace_id={ctx.trace_id:032x} span_id={ctx.span_id:016x}")
+        else:
+            token = REQUEST_ID.set(req.id)
         self.handling += 1
         route, params = self.routes.get(path), None
         if route is None:
@@ -561,8 +581,9 @@ class App:
         if resp.headers:
             headers += resp.headers
         if req.trace is not None:
-            version, trace_id, flags = req.trace
-            headers.append((b"traceparent", f"{version}-{trace_id}-{new_id()}-{flags}".encode()))
+            version, trace_id, _, flags = req.trace
+            span_id = f"{req.span.get_span_context().span_id:016x}" if req.span is not None else new_id()
+            headers.append((b"traceparent", f"{version}-{trace_id}-{span_id}-{flags}".encode()))
         total = time.perf_counter() - req.start
         if req.timings and self.settings.server_timing:
             req.timings["total"] = total
@@ -578,6 +599,8 @@ class App:
         self.record(req, resp.status, total)
 
     def record(self, req: Request, status: int, total: float | None = None) -> None:
+        if req.span is not None:
+            tracing.end_request(req, status)
         agg, code = metrics.aggregate, str(status)
         total = time.perf_counter() - req.start if total is None else total
         agg.inc("requests", (req.endpoint, code))

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from service import tracing
 from service.errors import ClientGone
 
 
@@ -141,6 +142,7 @@ class Batcher:
                 continue
             rows = sum(p.rows for p in batch)
             start = time.monotonic()
+            traced = tracing.TRACER is not None and time.perf_counter()
             self.running_until = start + self.cost.seconds(rows, 1)
             try:
                 results = await loop.run_in_executor(self.executor, self._run, [p.job for p in batch], rows)
@@ -151,6 +153,8 @@ class Batcher:
                 continue
             finally:
                 self.running_until = 0.0
+            if traced:
+                tracing.batch(self.name, [p.job for p in batch], rows, traced, time.perf_counter() - traced)
             for p, r in zip(batch, results):
                 if hasattr(p.job, "queued_s"):
                     p.job.queued_s = start - p.queued_at

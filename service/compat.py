@@ -69,3 +69,19 @@ def tracing_problem(cfg: dict[str, Any]) -> str | None:
             f"install BentoML's extra: pip install 'bentoml[{extra}]=={PINNED_BENTOML}'"
         )
     return None
+
+
+def tracer_provider():
+    """BentoML's tracer provider for this worker when its tracing configuration names an
+    exporter (its sampler and exporter, as the user configured them), else None: with no
+    exporter deepserve creates no span objects at all (BentoML's provider would still sample
+    and record spans it never exports, so a low sample rate is not "off")."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    try:
+        kind = BentoMLContainer.config.tracing.exporter_type.get()
+    except (KeyError, AttributeError):
+        return None
+    if kind not in EXPORTERS and kind not in ("in_memory", "console"):
+        return None
+    return BentoMLContainer.tracer_provider.get()

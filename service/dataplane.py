@@ -35,9 +35,18 @@ async def infer(
     batcher.admit(1)  # shed before decoding anything when the model's queue is already too long
     async with app.work():
         job = await decode(model)
-        result = await batcher.submit(job, job.rows, req.alive, time.perf_counter() - req.start)
-    req.timings["queue"], req.timings["infer"] = job.queued_s, job.infer_s
+        if req.span is not None:  # tracing on: the batch span links back to this request's span
+            job.info["span"] = req.span
+            req.span_attributes = {
+                "deepserve.model": name,
+                "deepserve.version": model.version,
+                "deepserve.rows": job.rows,
+            }
+        submitted = time.perf_counter()
+        result = await batcher.submit(job, job.rows, req.alive, submitted - req.start)
+    req.stage("queue", submitted, job.queued_s)
+    req.stage("infer", submitted + job.queued_s, job.infer_s)
     started = time.perf_counter()
     resp = encode(model, job, result)
-    req.timings["encode"] = time.perf_counter() - started
+    req.stage("encode", started)
     return resp

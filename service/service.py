@@ -74,8 +74,10 @@ app = getattr(front, "deepserve", front)
 )
 class DeepServe:
     def __init__(self) -> None:
+        from service import tracing
         from service.core import Core
 
+        tracing.setup()  # spans only when BentoML's tracing configuration names an exporter
         self.core = Core(settings)  # verified again here; serves nothing it could not verify
         self.drain = Drain(settings.request_timeout_s, app)
         app.bind(self.core, self.drain)

@@ -408,7 +408,7 @@ def install(app) -> None:
             started = time.perf_counter()
             v = view_of(model, name, key)
             job = v.to_job(model, decode_inputs(v, payload, binary, TASKS[model.task].max_rows(s)), s)
-            req.timings["decode"] = time.perf_counter() - started
+            req.stage("decode", started)
             return job
 
         def encode(model: Model, job: Job, outputs: dict[str, np.ndarray]) -> Response:
