@@ -216,35 +216,45 @@ SCHEMAS = {
 
 
 def bentoml_schema(settings: Settings, core=None) -> dict:
-    """/schema.json as BentoML's own client reads it: one method per task (two share
-    /classify: `classify` sends images as multipart, `classify_text` sends JSON)."""
+    """/schema.json as BentoML's own client reads it: one method per route. /classify is one
+    method, `classify`, for images and text alike: the client sends multipart whenever the
+    schema has a file property, so text goes as form fields (`text`, `texts`), which /classify
+    accepts as it accepts `model` and `top_k`. The PNG routes return what their schema says:
+    a PIL image (so `generate` gives the grid; JSON output is for plain HTTP)."""
     out = []
     for path, by_body in routes().items():
-        for kind, task in by_body.items():
-            props, required = task.properties(settings, model_names(core, task))
-            props = {**props, **common_fields(core, task)}
+        props, required, first = {}, None, None
+        for kind, task in sorted(by_body.items(), key=lambda kv: kv[0] != "multipart"):
+            task_props, task_required = task.properties(settings, model_names(core, task))
+            task_props = {**task_props, **common_fields(core, task)}
             if kind == "multipart":  # the client sends a property as a file when its type is "file"
-                image = props["image"]
-                props["image"] = (
+                image = task_props["image"]
+                task_props["image"] = (
                     {"type": "array", "items": {"type": "file", "format": "image"}}
                     if image.get("type") == "array"
                     else {"type": "file", "format": "image"}
                 )
-            if task.response == "png":
-                props.pop("format", None)  # the client expects what the schema says: the PNG
-                output = {"type": "file", "format": "image", "pil": True, "content_type": "image/png"}
-            else:
-                output = {"type": "object"}
-            out.append(
-                {
-                    "name": task.client_method,
-                    "route": path,
-                    "doc": task.summary,
-                    "input": {"type": "object", "properties": props, "required": required},
-                    "output": output,
-                    "is_task": False,
-                }
-            )
+            for name, spec in task_props.items():
+                props.setdefault(name, spec)
+            # several tasks on one route: none of their fields alone is required
+            required = task_required if required is None else []
+            first = first or task
+        if first.response == "png":
+            props.pop("format", None)  # the client expects what the schema says: the PNG
+            output = {"type": "file", "format": "image", "pil": True, "content_type": "image/png"}
+        else:
+            output = {"type": "object"}
+        doc = " / ".join(t.summary for t in by_body.values())
+        out.append(
+            {
+                "name": first.client_method,
+                "route": path,
+                "doc": doc,
+                "input": {"type": "object", "properties": props, "required": required},
+                "output": output,
+                "is_task": False,
+            }
+        )
     return {"name": "deepserve", "type": "service", "routes": out}
 
 

@@ -139,7 +139,11 @@ def model_handler(app, path: str, by_body: dict[str, Task]):
     the task parses it into a job and makes the answer; service.dataplane does the rest."""
 
     async def handle(req) -> Response:
-        kind = {"application/json": "json", "multipart/form-data": "multipart"}.get(req.media_type())
+        media = req.media_type()
+        urlencoded = media == "application/x-www-form-urlencoded" and "json" in by_body and "multipart" in by_body
+        kind = (
+            "multipart" if urlencoded else {"application/json": "json", "multipart/form-data": "multipart"}.get(media)
+        )
         task = by_body.get(kind)
         if task is None:
             if len(by_body) > 1:
@@ -163,7 +167,13 @@ def model_handler(app, path: str, by_body: dict[str, Task]):
                     "unknown_field",
                 )
         else:
-            files, fields = await req.form(s.max_body_bytes, max_files=s.max_images)
+            if urlencoded:  # form fields and no file: BentoML's client sending text to /classify
+                files, fields = [], await req.urlencoded(s.max_body_bytes)
+            else:
+                files, fields = await req.form(s.max_body_bytes, max_files=s.max_images)
+            text_task = by_body.get("json")
+            if not files and text_task is not None and ("text" in fields or "texts" in fields):
+                task = text_task  # text as form fields (BentoML's client sends multipart): the text task
             unknown = sorted(set(fields) - task.fields - COMMON_FIELDS)
             if unknown:
                 raise ApiError(

@@ -22,6 +22,12 @@ from service.metadata import Metadata, MetadataError, VersionFiles, read_metadat
 log = logging.getLogger("deepserve")
 
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
+# TF32 off: ONNX Runtime's CUDA provider turns it on by default, and on an H200 (2026-11-29,
+# deploy.gpu.verify) the generator and decoder then differ from the CPU by 1.2e-3 and 1.3e-3,
+# past their smoke sets' 1e-3: the service refused to start on CUDA. These models are
+# launch-bound on a GPU (under 1 ms per batch up to 256 rows), so full FP32 costs nothing
+# that shows, and keeps the outputs (and the OOD threshold) those of the evaluated model.
+PROVIDER_OPTIONS = {CUDA: {"use_tf32": "0"}}
 DTYPES = {"float32": np.float32, "int64": np.int64, "uint8": np.uint8}
 ORT_TYPES = {"float32": "tensor(float)", "int64": "tensor(int64)", "uint8": "tensor(uint8)"}
 
@@ -186,7 +192,12 @@ def load_model(directory: Path, name: str, files: VersionFiles, device: str = "c
         )
     wanted = providers_for(device)
     try:
-        session = ort.InferenceSession(str(path), session_options(threads), providers=wanted)
+        session = ort.InferenceSession(
+            str(path),
+            session_options(threads),
+            providers=wanted,
+            provider_options=[PROVIDER_OPTIONS.get(p, {}) for p in wanted],
+        )
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
         raise ModelLoadError(f"model {name!r}: ONNX Runtime cannot load {path.name}: {str(exc)[:300]}") from exc
     check_signature(name, meta, session)

@@ -484,7 +484,7 @@ class TextClassification(_Classifier):
     def describe(self, model: Model) -> dict:
         return {"labels": model.meta.labels, "vocabulary_size": len(model.meta.vocabulary)}
 
-    client_method, response_schema = "classify_text", "ClassificationResult"
+    client_method, response_schema = "classify", "ClassificationResult"  # one method with images (service.openapi)
 
     def properties(self, s, models):
         text = {"type": "string", "minLength": 1, "maxLength": s.max_text_chars, "pattern": r"\S"}

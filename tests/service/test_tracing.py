@@ -91,7 +91,7 @@ def test_every_model_request_is_a_span_with_its_stages_and_its_batch(traced):
     )
     r2 = c.post("/classify", json={"text": "a gorgeous, witty film"})
     r3 = c.post("/generate", json={"n": 4, "seed": 1, "format": "json"})
-    x = (np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(FIXTURES / "mnist_test0_label7.png")) / 255.0)
+    x = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(FIXTURES / "mnist_test0_label7.png")) / 255.0
     r4 = c.post(
         "/v2/models/digits/infer",
         json={"inputs": [{"name": "image", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": x.ravel().tolist()}]},
@@ -99,9 +99,11 @@ def test_every_model_request_is_a_span_with_its_stages_and_its_batch(traced):
     assert [r.status_code for r in (r1, r2, r3, r4)] == [200] * 4, [r.text[:200] for r in (r1, r2, r3, r4)]
     names = ("POST /classify", "POST /generate", "POST /v2/models/{name}/infer")
     spans = receiver.wait(
-        lambda ss: sum(s.name == "POST /classify" for s in ss) >= 2
-        and all(any(s.name == n for s in ss) for n in names)
-        and sum(s.name.startswith("batch ") for s in ss) >= 4
+        lambda ss: (
+            sum(s.name == "POST /classify" for s in ss) >= 2
+            and all(any(s.name == n for s in ss) for n in names)
+            and sum(s.name.startswith("batch ") for s in ss) >= 4
+        )
     )
     by_id = {hexid(s.span_id): s for s in spans}
     server_spans = [s for s in spans if s.name in names]
