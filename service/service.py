@@ -122,12 +122,12 @@ class _FrontDoorService(type(DeepServe)):
 DeepServe.__class__ = _FrontDoorService
 
 
-def warn_if_open(s: Settings) -> None:
-    """Fail closed by default: say so loudly when the port is reachable beyond loopback and
-    no API key is set."""
-    fd = listening_fd()
+def warn_if_open(s: Settings, fd: int | None = None) -> bool:
+    """Fail closed by default: say so loudly when the port (BentoML's listening socket, or
+    `fd`) is reachable beyond loopback and no API key is set; True when it warned."""
+    fd = listening_fd() if fd is None else fd
     if fd is None or s.api_key:
-        return
+        return False
     try:
         sock = socket.socket(fileno=fd)
         try:
@@ -140,5 +140,7 @@ def warn_if_open(s: Settings) -> None:
                 "this port; set DEEPSERVE_API_KEY or DEEPSERVE_API_KEY_FILE",
                 host,
             )
+            return True
     except (OSError, ValueError):
         pass
+    return False

@@ -310,13 +310,6 @@ def assert_mnist_framed(grey: np.ndarray) -> None:
 
 
 @pytest.fixture(scope="module")
-def server():
-    s = Server()
-    yield s
-    s.stop()
-
-
-@pytest.fixture(scope="module")
 def page(server):
     """The playground, opened once at a desktop size; the tests below use it in order."""
     browser = Browser(server.url)
