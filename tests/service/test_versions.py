@@ -149,6 +149,17 @@ def digits_version(server) -> str:
     return next(m["version"] for m in httpx.get(server.url + "/models").json()["models"] if m["name"] == "digits")
 
 
+def make_active(server, model_dir, version: str) -> None:
+    """Each test sets up the state it needs (digits: `version` active, OLD previous unless it
+    is OLD itself) through the manifest, which every worker follows: no test depends on
+    another having run first, in any order."""
+    repository.set_active(model_dir, "digits", version, OLD if version != OLD else None)
+    deadline = time.monotonic() + 30
+    while digits_version(server) != version:
+        assert time.monotonic() < deadline, "the workers never followed the manifest"
+        time.sleep(0.2)
+
+
 def test_the_admin_api_needs_its_own_key(server):
     r = httpx.post(f"{server.url}/admin/models/digits/load", json={"version": "x"})
     assert r.status_code == 401
@@ -172,7 +183,8 @@ def test_the_admin_api_needs_its_own_key(server):
     ],
     ids=["bad sha256", "broken ONNX", "wrong signature", "failing smoke set", "below its bars"],
 )
-def test_a_broken_candidate_is_refused_with_the_reason_and_traffic_is_unaffected(server, version, words):
+def test_a_broken_candidate_is_refused_with_the_reason_and_traffic_is_unaffected(server, model_dir, version, words):
+    make_active(server, model_dir, OLD)
     traffic = Traffic(server.url, clients=4)
     traffic.start()
     time.sleep(0.5)
@@ -184,7 +196,8 @@ def test_a_broken_candidate_is_refused_with_the_reason_and_traffic_is_unaffected
     assert answers and all(status == 200 for _, status, _ in answers), collections.Counter(a[1] for a in answers)
 
 
-def test_a_candidate_below_its_bars_loads_when_asked_to_then_rolls_back(server):
+def test_a_candidate_below_its_bars_loads_when_asked_to_then_rolls_back(server, model_dir):
+    make_active(server, model_dir, OLD)
     r = load(server, "digits", "2099-01-06-below", allow_below_bars=True)
     assert r.status_code == 200, r.text
     assert digits_version(server) == "2099-01-06-below"
@@ -192,7 +205,8 @@ def test_a_candidate_below_its_bars_loads_when_asked_to_then_rolls_back(server):
     assert r.status_code == 200 and r.json()["version"] == OLD, r.text
 
 
-def test_a_swap_under_steady_load_drops_nothing_and_every_worker_switches(server):
+def test_a_swap_under_steady_load_drops_nothing_and_every_worker_switches(server, model_dir):
+    make_active(server, model_dir, OLD)
     traffic = Traffic(server.url)
     traffic.start()
     time.sleep(12)
@@ -219,16 +233,6 @@ def test_a_swap_under_steady_load_drops_nothing_and_every_worker_switches(server
         assert re.search(
             rf'deepserve_model_info\{{model="digits",[^}}]*version="2099-01-01-good",worker="{worker}"\}} 1\.0', metrics
         )
-
-
-def make_active(server, model_dir, version: str) -> None:
-    """Each test sets up the state it needs (digits: `version` active, OLD previous) through
-    the manifest, which every worker follows: no test depends on another having run first."""
-    repository.set_active(model_dir, "digits", version, OLD)
-    deadline = time.monotonic() + 30
-    while digits_version(server) != version:
-        assert time.monotonic() < deadline, "the workers never followed the manifest"
-        time.sleep(0.2)
 
 
 def test_pinning_a_loaded_version_and_404_for_others(server, model_dir):

@@ -10,9 +10,7 @@ import pytest
 from service.settings import Settings
 
 
-@pytest.mark.parametrize(
-    "host, key, warns", [("0.0.0.0", "", True), ("0.0.0.0", "k", False), ("127.0.0.1", "", False)]
-)
+@pytest.mark.parametrize("host, key, warns", [("0.0.0.0", "", True), ("0.0.0.0", "k", False), ("127.0.0.1", "", False)])
 def test_an_open_port_without_an_api_key_is_logged_loudly(host, key, warns, caplog):
     from service.service import warn_if_open
 

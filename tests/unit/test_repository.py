@@ -33,7 +33,7 @@ def test_registration_racing_load_and_rollback_loses_no_update(tmp_path):
     directory = _copy_manifest(tmp_path)
     m = repository.raw(directory)
     versions = [m["families"]["digits"]["active"], m["families"]["digits"]["previous"]]
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context("spawn")  # fork would copy the locks of threads other tests started
     procs = [ctx.Process(target=_publisher, args=(str(directory), 60))] + [
         ctx.Process(target=_admin, args=(str(directory), 60, versions)) for _ in range(2)
     ]
