@@ -32,7 +32,6 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -58,8 +57,6 @@ INLINE_PIXELS = 256 * 256  # a request whose images total fewer pixels decodes o
 INLINE_FRAMED_PIXELS = 64 * 64  # ... when the model frames its subject (~3 ms for a 256×256 picture)
 JSON_OFF_LOOP = 64 * 1024  # larger JSON bodies are parsed in a thread
 PASSTHROUGH = frozenset({"/livez", "/healthz", "/readyz", "/metrics"})  # BentoML's own routes
-STATIC = Path(__file__).resolve().parent / "static"
-CSP = "default-src 'self'; img-src 'self' data: blob:"
 
 
 _ids = {"pid": 0, "prefix": "", "counter": itertools.count()}
@@ -389,7 +386,6 @@ class App:
         self.prefixes: list[tuple[str, Callable[[str], tuple[Route, dict] | None]]] = []
         self._hold = settings.shed_hold_ms / 1000
         self._flusher: asyncio.TimerHandle | None = None  # the next write of aggregated metrics
-        self._static = {}
         route_table.install(self)
 
     def bind(self, core: Core, drain=None) -> None:

@@ -108,7 +108,7 @@ class _Meta(_Strict):
     parity: dict[str, Any] = {}
     versions: dict[str, str] = {}
     size_bytes: int = Field(gt=0)
-    meets_bars: bool = True  # False: published below its quality bars (issue 11's rehearsal)
+    meets_bars: bool = True  # False: published below its quality bars (make publish rehearsals)
     smoke: Smoke | None = None
 
 

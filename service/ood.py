@@ -1,4 +1,4 @@
-"""Serving-side helpers of issue 13 (calibrated probabilities, unknown-token rate): numpy only.
+"""Serving-side trust helpers (calibrated probabilities, unknown-token rate): numpy only.
 
 The image models' `ood_score` comes out of the ONNX graph itself (see training/ood.py), so
 the service only compares it with the metadata's threshold. What is left for the batch

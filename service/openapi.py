@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from service import v2
+from service import __version__, v2
 from service.settings import Settings
 from service.tasks import TASKS, Task, routes
 
@@ -125,7 +125,7 @@ def document(settings: Settings, core=None) -> dict:
         "openapi": "3.0.3",
         "info": {
             "title": "deepserve",
-            "version": "0.2.0",
+            "version": __version__,
             "description": "Digits, fashion and sentiment classifiers, a digit generator, an image codec and "
             "a denoiser, on ONNX Runtime behind BentoML. Also speaks the Open Inference "
             "Protocol (KServe v2 / Triton) under /v2.",

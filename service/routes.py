@@ -169,6 +169,13 @@ def model_handler(app, path: str, by_body: dict[str, Task]):
         else:
             if urlencoded:  # form fields and no file: BentoML's client sending text to /classify
                 files, fields = [], await req.urlencoded(s.max_body_bytes)
+                if "text" not in fields and "texts" not in fields:
+                    raise ApiError(
+                        415,
+                        "send an image as multipart/form-data (field 'image'); url-encoded forms carry only "
+                        "text ('text' or 'texts')",
+                        "wrong_content_type",
+                    )
             else:
                 files, fields = await req.form(s.max_body_bytes, max_files=s.max_images)
             text_task = by_body.get("json")

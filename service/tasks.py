@@ -172,10 +172,6 @@ def register(cls: type[Task]) -> type[Task]:
     return cls
 
 
-def task_of(model: Model) -> Task:
-    return TASKS[model.task]
-
-
 def routes() -> dict[str, dict[str, Task]]:
     """route -> {body kind -> task}: /classify takes images (multipart) and text (JSON)."""
     out: dict[str, dict[str, Task]] = {}

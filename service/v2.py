@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from service import dataplane, tasks
+from service import __version__, dataplane, tasks
 from service.errors import ApiError, shown
 from service.httpkit import Response, Route, json_response, parse_json
 from service.runtime import Model
@@ -305,8 +305,6 @@ def _to_binary(arr: np.ndarray, datatype: str) -> bytes:
 
 # --------------------------------------------------------------------------- routes
 
-TEMPLATES = ("", "/ready", "/config", "/infer")
-
 
 def install(app) -> None:
     tables: dict[tuple, dict[str, tuple[str, str]]] = {}
@@ -344,7 +342,7 @@ def install(app) -> None:
         return view_of(model, name, key), model
 
     async def server_metadata(req) -> Response:
-        return json_response({"name": "deepserve", "version": "0.2.0", "extensions": EXTENSIONS})
+        return json_response({"name": "deepserve", "version": __version__, "extensions": EXTENSIONS})
 
     async def live(req) -> Response:
         return json_response({"live": True})

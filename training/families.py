@@ -117,10 +117,6 @@ FAMILIES: dict[str, Family] = {
 }
 
 
-def family_of_model(model: str) -> Family:
-    return next(f for f in FAMILIES.values() if model in f.models)
-
-
 def check_bars(family: Family, metrics: dict, bars: Bars | None = None) -> list[tuple[str, bool, bool]]:
     """[(line, meets bar, meets stretch)] like `digits test_accuracy 0.9951 >= 0.993 ok (stretch 0.995 met)`."""
     out = []

@@ -1,4 +1,4 @@
-"""Out-of-distribution scores and calibrated confidence for the classifiers (issue 13).
+"""Out-of-distribution scores and calibrated confidence for the classifiers.
 
 Image classifiers (`digits`, `fashion`) get an `ood_score` output computed by the ONNX graph
 itself, so the service reads it from the same run as `logits` (the batch thread, no numpy work
@@ -487,7 +487,7 @@ def ood_sets(name: str, data_dir: Path) -> dict[str, np.ndarray]:
     }
 
 
-# bars from the issue: (set, minimum AUROC); fashion's blank/constant rows are informative only
+# the trust bars: (set, minimum AUROC); fashion's blank/constant rows are informative only
 AUROC_BARS = {
     "digits": {"fashion_mnist_test": 0.99, "uniform_noise": 0.99, "blank": 0.99, "constant": 0.99},
     "fashion": {"mnist_test": 0.97, "uniform_noise": 0.99},

@@ -1,4 +1,4 @@
-"""Trust settings for the classifiers, as one step of their export (issue: when not to trust
+"""Trust settings for the classifiers, as one step of their export (when not to trust
 an answer): calibrated confidence and an out-of-distribution signal, fitted on the
 validation split (training.ood has the method and the numbers).
 
