@@ -158,7 +158,7 @@ def model_handler(app, path: str, by_body: dict[str, Task]):
             payload = await req.json_body(s.max_body_bytes)
             if not isinstance(payload, dict):
                 raise ApiError(400, "body must be a JSON object", "bad_json")
-            body = Body("json", payload)
+            body = Body(payload)
             unknown = sorted(set(payload) - task.fields - COMMON_FIELDS)
             if unknown:
                 raise ApiError(
@@ -188,7 +188,7 @@ def model_handler(app, path: str, by_body: dict[str, Task]):
                     f"unknown field {shown(unknown[0])}; allowed: {sorted({'image', *task.fields, *COMMON_FIELDS})}",
                     "unknown_field",
                 )
-            body = Body("multipart", fields, files)
+            body = Body(fields, files)
         name, version = model_asked(core, task, by_body, body.fields)
 
         def decode(model):  # the coroutine itself: no extra frame per request
@@ -205,9 +205,9 @@ def model_handler(app, path: str, by_body: dict[str, Task]):
 
 def response(answer: Answer) -> Response:
     if isinstance(answer.content, dict):
-        return json_response(answer.content, answer.status, answer.headers)
+        return json_response(answer.content, 200, answer.headers)
     headers = [(k.lower().encode(), v.encode()) for k, v in answer.headers.items()]
-    return Response(answer.status, answer.content, answer.media_type, headers)
+    return Response(200, answer.content, answer.media_type, headers)
 
 
 def model_asked(core, task: Task, by_body: dict[str, Task], fields: dict) -> tuple[str, str | None]:

@@ -55,9 +55,8 @@ class Job:
 
 @dataclass
 class Body:
-    """A parsed request body: JSON fields, or multipart text fields and image files."""
+    """A parsed request body: JSON fields, or form fields and image files."""
 
-    kind: str  # "json" | "multipart"
     fields: dict[str, Any]
     files: list[bytes] = field(default_factory=list)
 
@@ -67,7 +66,6 @@ class Answer:
     content: bytes | dict
     media_type: str = "application/json"
     headers: dict[str, str] = field(default_factory=dict)
-    status: int = 200
 
 
 @dataclass(frozen=True)
