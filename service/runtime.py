@@ -26,14 +26,14 @@ CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 # - use_tf32 "0": its default (TF32 on) put the generator and decoder 1.2e-3 and 1.3e-3 from the
 #   CPU, past their smoke sets' 1e-3, and the service refused to start on CUDA. In FP32 every
 #   model is within 1.5e-6 of the CPU (digits' ood_score within 3.4e-4 on out-of-range inputs).
-#   At the batch sizes served (up to 512 rows) FP32 ran within run-to-run noise of TF32 (a few
-#   tenths of a ms); at 1024-4096 rows up to 1.5x slower (fashion at 4096: 3.9x).
+#   Up to 256 rows FP32 ran within run-to-run noise of TF32 (under 0.5 ms either way); at
+#   1024-4096 rows up to 1.5x slower (fashion at 4096: 3.9x).
 # - cudnn_conv_algo_search "HEURISTIC": with the default (EXHAUSTIVE) a run on a batch shape new
 #   to a session took 20-230 ms (cuDNN benchmarking its algorithms), and in the server, where
 #   adaptive batching varies the rows from batch to batch, the cost came back batch after batch
 #   (digits, ~4 rows: 97 ms per batch against 0.46 ms in-process): /denoise at 8 clients served
-#   20 req/s with batching on, 647 with it off. HEURISTIC: 2-95 ms on a new shape, the same
-#   steady-state speed, /denoise at 128 clients 1452 req/s (from 448; 681 with batching off).
+#   20 req/s with batching on, 647 with it off. HEURISTIC: 2-95 ms on a new shape, about the
+#   same steady-state speed, /denoise at 128 clients 1452 req/s (from 448; 681 with batching off).
 PROVIDER_OPTIONS = {CUDA: {"use_tf32": "0", "cudnn_conv_algo_search": "HEURISTIC"}}
 DTYPES = {"float32": np.float32, "int64": np.int64, "uint8": np.uint8}
 ORT_TYPES = {"float32": "tensor(float)", "int64": "tensor(int64)", "uint8": "tensor(uint8)"}
