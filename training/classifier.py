@@ -141,7 +141,7 @@ def train(cfg: Config, family: str) -> common.Trained:
     model = CNN(cfg)
     epochs = 1 if cfg.dry_run else cfg.epochs
     limit = 1 if cfg.dry_run else None
-    steps = epochs * (1 if cfg.dry_run else -(-len(tr) // cfg.batch_size))
+    steps = epochs * (1 if cfg.dry_run else -(-len(x_tr) // cfg.batch_size))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps)
     rng, gen = np.random.default_rng(cfg.seed), torch.Generator().manual_seed(cfg.seed)
@@ -149,7 +149,7 @@ def train(cfg: Config, family: str) -> common.Trained:
     for epoch in range(1, epochs + 1):
         model.train()
         losses = []
-        for idx in common.minibatches(len(tr), cfg.batch_size, rng, limit):
+        for idx in common.minibatches(len(x_tr), cfg.batch_size, rng, limit):
             batch = x_tr[idx]
             if cfg.augment:
                 batch = robust(batch, cfg, gen)
