@@ -4,8 +4,11 @@ class-weights input reproduces the old images exactly and blends classes."""
 from __future__ import annotations
 
 import base64
+import io
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from tests.conftest import manifest
 
@@ -64,8 +67,13 @@ def test_one_hot_class_weights_reproduce_the_previous_version_exactly(client):
 
 def test_the_previous_version_morphs_seeds_but_not_digits(client):
     previous = manifest()["families"]["generator"]["previous"]
-    ok = client.post("/generate", json={"digit": 2, "seed": 1, "morph_to": {"seed": 9}, "model_version": previous})
-    assert ok.status_code == 200
+    ok = client.post(
+        "/generate", json={"digit": 2, "seed": 1, "morph_to": {"seed": 9}, "steps": 5, "model_version": previous}
+    )
+    assert ok.status_code == 200 and ok.headers["x-model-version"] == previous
+    frames = Image.open(io.BytesIO(ok.content))
+    assert frames.size[0] > frames.size[1]  # one row of frames, not a blank or a square grid
+    assert np.asarray(frames).std() > 10  # and they hold digits
     r = client.post("/generate", json={"digit": 2, "seed": 1, "morph_to": {"digit": 4}, "model_version": previous})
     assert r.status_code == 400 and "not between digits" in r.json()["error"]
 
