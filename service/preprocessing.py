@@ -171,6 +171,8 @@ def ink_map(grey: np.ndarray) -> np.ndarray:
         blurred = _box3(x) / 9.0  # the minimum of noise is biased: blur first
         paper = _upsample(_spread(_blocks(blurred, k, np.min), np.minimum), x.shape)
     ink = np.clip((x - paper) / np.maximum(1.0 - paper, 0.25), 0.0, 1.0)  # paper under 25% of full light: as if 25%
+    if min(ink.shape) >= 3 and (_box3(ink) / 9.0).var() < 0.3 * ink.var():
+        return np.zeros_like(ink)  # contrast without structure: noise keeps ~1/9 of it under a 3×3 mean, ink over 0.45
     xc, xp = _paper_level(x)
     off = _from_border(xc > xp + 0.4 * (1.0 - xp))
     contact = np.concatenate([off[0], off[-1], off[:, 0], off[:, -1]]).mean()
@@ -207,7 +209,7 @@ def _from_border(mask: np.ndarray) -> np.ndarray:
 
 def subject_box(ink: np.ndarray, threshold: float = 0.35) -> tuple[int, int, int, int] | None:
     """(top, bottom, left, right) of the digit in an ink map, or None when there is no subject
-    (a blank page, or noise: contrast that a 3×3 average erases).
+    (a blank page; noise has no ink at all, see `ink_map`).
 
     On a coarse grid (cells of 1/64 of the picture) the digit is the blob, grown over gaps of
     one cell, around the densest ink; specks elsewhere are not part of it.
@@ -219,8 +221,6 @@ def subject_box(ink: np.ndarray, threshold: float = 0.35) -> tuple[int, int, int
     peak = float(smooth.max())
     if np.count_nonzero(ink > threshold) < 12:
         return None  # a blank or near-blank page: no stroke of a dozen pixels with real contrast
-    if smooth.var() < 0.3 * ink.var():  # contrast without structure: noise keeps ~1/9 of it, ink over 0.45
-        return None
     k = max(1, max(h, w) // 64)
     coarse = _blocks(np.where(smooth > 0.35 * peak, smooth, 0.0), k, np.mean)
     mask = coarse > 0.02
@@ -467,11 +467,12 @@ def build_vocab(token_lists: Iterable[Sequence[str]], min_freq: int = 1) -> list
 
 def encode(tokens: Sequence[str], index: dict[str, int], max_tokens: int = MAX_TOKENS) -> list[int]:
     """Tokens -> ids, unknown words -> UNK, truncated to `max_tokens`. An unknown word with a
-    elongated spelling tries the word with its repeats cut to two letters, then to one."""
+    elongated spelling (a letter three times or more) tries the word with its repeats cut to two
+    letters, then to one; other unknown words (SST-2's own typos and names) stay unknown."""
     out = []
     for tok in tokens[:max_tokens]:
         i = index.get(tok)
-        if i is None and _DOUBLE.search(tok):  # "sooo" -> "soo" -> "so"; "gooood" -> "good"
+        if i is None and _ELONGATED.search(tok):  # "sooo" -> "soo" -> "so"; "gooood" -> "good"
             twice = _ELONGATED.sub(r"\1\1", tok)
             i = index.get(twice) or index.get(_DOUBLE.sub(r"\1", twice))
         out.append(UNK if i is None else i)

@@ -94,6 +94,15 @@ def test_a_blank_page_is_never_framed_into_a_digit(page):
     np.testing.assert_array_equal(pp.to_grey_square(img, "auto", "digit"), pp.to_grey_square(img, "auto", "none"))
 
 
+@pytest.mark.parametrize("shape", [(29, 33), (110, 37), (64, 64), (300, 200), (28, 100), (480, 640)])
+def test_noise_is_never_framed_into_a_digit(shape):
+    """Uniform noise of any size has contrast but no structure: no subject, the whole-picture
+    rule, which the OOD score flags (a table-like patch of noise must not turn into ink)."""
+    for seed in range(5):
+        noise = np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+        assert pp.frame_digit(noise) is None
+
+
 @pytest.mark.parametrize("shape", [(1, 1), (1, 5000), (5000, 1), (2, 2), (3, 900), (28, 27), (4000, 3)])
 def test_degenerate_shapes_answer_a_28x28_image(shape):
     rng = np.random.default_rng(1)
