@@ -74,7 +74,9 @@ def decode(upload: Upload, pre) -> np.ndarray:
     try:
         if img.format == "JPEG":  # framing needs the subject's detail, the plain rule only 28 px
             side = pp.WORK_SIDE if pre.framing != "none" else DRAFT
-            img.draft("L" if img.mode in ("L", "RGB") else None, (side, side))
+            w, h = img.size  # JPEG scales by 1/2, 1/4, 1/8 only while both sides stay >= the request
+            f = min(1.0, side / max(w, h))
+            img.draft("L" if img.mode in ("L", "RGB") else None, (max(1, int(w * f)), max(1, int(h * f))))
         img.load()  # the first frame only: later frames of a GIF/TIFF/WebP are never decoded
         return pp.to_grey_square(img, pre.invert, pre.framing)
     except ApiError:
