@@ -35,7 +35,7 @@ async def infer(
     batcher.admit(1)  # shed before decoding anything when the model's queue is already too long
     async with app.work():
         job = await decode(model)
-        if req.span is not None:  # tracing on: the batch span links back to this request's span
+        if req.span is not None and req.span.is_recording():  # sampled: the batch span links back to it
             job.info["span"] = req.span
             req.span_attributes = {
                 "deepserve.model": name,

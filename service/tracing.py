@@ -58,6 +58,8 @@ def end_request(req, status: int) -> None:
     from opentelemetry.trace import Status, StatusCode
 
     span = req.span
+    if not span.is_recording():  # not sampled: nothing to name, time or export
+        return
     span.update_name(f"{req.method} {req.endpoint}")
     span.set_attribute("http.request.method", req.method)
     span.set_attribute("http.route", req.endpoint)
@@ -82,8 +84,9 @@ def batch(model: str, jobs: list, rows: int, start_perf: float, seconds: float) 
     """One executed batch as a span linked to every request span it served."""
     from opentelemetry.trace import Link
 
-    links = [Link(span.get_span_context()) for job in jobs if (span := getattr(job, "info", {}).get("span"))]
-    if not links:  # warm-up, or no traced request in it
+    spans = [getattr(job, "info", {}).get("span") for job in jobs]
+    links = [Link(span.get_span_context()) for span in spans if span is not None and span.is_recording()]
+    if not links:  # warm-up, or no sampled request in it
         return
     start = now_ns(start_perf)
     span = TRACER.start_span(
