@@ -84,31 +84,32 @@ def hexid(raw: bytes) -> str:
 def test_every_model_request_is_a_span_with_its_stages_and_its_batch(traced):
     server, receiver = traced
     c = httpx.Client(base_url=server.url, timeout=30)
+    ids = [f"spans-{k}" for k in range(4)]  # this test's requests, whatever else the server traced
     r1 = c.post(
         "/classify",
         files={"image": ("7.png", SEVEN, "image/png")},
-        headers={"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"},
+        headers={"traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01", "X-Request-ID": ids[0]},
     )
-    r2 = c.post("/classify", json={"text": "a gorgeous, witty film"})
-    r3 = c.post("/generate", json={"n": 4, "seed": 1, "format": "json"})
+    r2 = c.post("/classify", json={"text": "a gorgeous, witty film"}, headers={"X-Request-ID": ids[1]})
+    r3 = c.post("/generate", json={"n": 4, "seed": 1, "format": "json"}, headers={"X-Request-ID": ids[2]})
     x = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(FIXTURES / "mnist_test0_label7.png")) / 255.0
     r4 = c.post(
         "/v2/models/digits/infer",
         json={"inputs": [{"name": "image", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": x.ravel().tolist()}]},
+        headers={"X-Request-ID": ids[3]},
     )
     assert [r.status_code for r in (r1, r2, r3, r4)] == [200] * 4, [r.text[:200] for r in (r1, r2, r3, r4)]
     names = ("POST /classify", "POST /generate", "POST /v2/models/{name}/infer")
+    attrs = lambda s: {a.key: (a.value.string_value or a.value.int_value) for a in s.attributes}
+    ours = lambda ss: [s for s in ss if attrs(s).get("deepserve.request_id") in ids]
     spans = receiver.wait(
         lambda ss: (
-            sum(s.name == "POST /classify" for s in ss) >= 2
-            and all(any(s.name == n for s in ss) for n in names)
-            and sum(s.name.startswith("batch ") for s in ss) >= 4
+            len(ours(ss)) == 4 and all(any(lk.span_id == s.span_id for b in ss for lk in b.links) for s in ours(ss))
         )
     )
     by_id = {hexid(s.span_id): s for s in spans}
-    server_spans = [s for s in spans if s.name in names]
-    assert len(server_spans) == 4
-    attrs = lambda s: {a.key: (a.value.string_value or a.value.int_value) for a in s.attributes}
+    server_spans = ours(spans)
+    assert sorted(s.name for s in server_spans) == sorted(["POST /classify", "POST /classify", *names[1:]])
 
     # the client's traceparent: same trace, its span as parent, and the answer names our span
     image = next(s for s in server_spans if hexid(s.trace_id) == TRACE_ID)
