@@ -54,11 +54,27 @@ def active_file(name: str) -> Path:
     return EXPORTED / m["models"][name]["versions"][m["families"][family]["active"]]["file"]
 
 
+_collected = iter(range(1 << 30))
+
+
+def pytest_itemcollected(item):
+    item.user_properties.append(("collected", next(_collected)))  # the written order, params included
+
+
+@pytest.hookimpl(trylast=True)  # after pytest-randomly's shuffle
 def pytest_collection_modifyitems(items):
+    """Every test gets the marker of its folder. A module that declares `SESSION = True` is one
+    scripted user session (the browser tests: each continues from the page the previous one
+    left): after the shuffle its tests go back to their written order, in the place the shuffle
+    gave them; every other test runs in the shuffled order."""
     for item in items:
         folder = Path(item.fspath).parent.name
         if folder in ("unit", "export", "contract", "service", "deploy", "browser"):
             item.add_marker(getattr(pytest.mark, folder))
+    slots = [i for i, item in enumerate(items) if getattr(getattr(item, "module", None), "SESSION", False)]
+    ordered = sorted((items[i] for i in slots), key=lambda item: dict(item.user_properties)["collected"])
+    for i, item in zip(slots, ordered):
+        items[i] = item
 
 
 @pytest.fixture(scope="session")

@@ -45,6 +45,7 @@ FIXTURES = REPO / "tests" / "fixtures"
 RESULTS = REPO / "results" / "playground"
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 
+SESSION = True  # one scripted user session: the tests run in the order written (tests/conftest.py)
 pytestmark = require_tools(str(CHROMIUM), str(CHROMEDRIVER))  # Debian's chromium and chromium-driver
 
 CHROME_FLAGS = (
