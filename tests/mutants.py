@@ -49,7 +49,7 @@ MUTANTS = [
         "service/images.py",
         "if width * height > max_pixels:",
         "if False:",
-        ("tests/contract/test_errors.py",),
+        ("tests/contract/test_errors.py::test_one_image_over_the_per_image_pixel_limit_is_refused_from_its_header",),
     ),
     Mutant(
         "ignore-reject-ood",

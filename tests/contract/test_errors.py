@@ -462,3 +462,12 @@ def test_sixty_four_ordinary_images_per_request_still_work(client, mnist500):
     labels = [x["label"] for x in r.json()["results"]]
     right = np.mean([label == str(y) for label, y in zip(labels, mnist500[1][:64])])
     assert right >= 0.95, (right, labels)  # photos of digits on paper: framed and read
+
+
+def test_one_image_over_the_per_image_pixel_limit_is_refused_from_its_header(client):
+    """Over the per-image limit (16 M) but under the per-request one (32 M): the image's own
+    budget refuses it, from the header, before a pixel is decoded."""
+    r = client.post("/classify", files={"image": ("big.png", png_bomb(4100, 4000), "image/png")})
+    assert r.status_code == 413, r.text
+    body = r.json()
+    assert "4100×4000 = 16400000 pixels" in body["error"] and body["limit"] == 16_000_000, body
