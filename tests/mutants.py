@@ -54,7 +54,7 @@ MUTANTS = [
     Mutant(
         "ignore-reject-ood",
         "reject_ood=true answers labels for out-of-distribution inputs instead of 422",
-        "service/tasks.py",
+        "service/tasks/classification.py",
         'bad = [(i, r) for i, r in enumerate(results) if r.get("in_distribution") is False]',
         "bad = []",
         ("tests/contract/test_trust.py",),
@@ -62,7 +62,7 @@ MUTANTS = [
     Mutant(
         "wrong-label-order",
         "labels are reported in reverse order (label i named as label C-1-i)",
-        "service/tasks.py",
+        "service/tasks/classification.py",
         "labels = model.meta.labels\n",
         "labels = model.meta.labels[::-1]\n",
         ("tests/contract/test_endpoints.py",),
@@ -78,7 +78,7 @@ MUTANTS = [
     Mutant(
         "no-return-input",
         "return_input=true is accepted but the model's view is not answered",
-        "service/tasks.py",
+        "service/tasks/image_classification.py",
         '                r["input_png"] = input_png(image)',
         "                pass",
         ("tests/service/test_wild.py::test_return_input_shows_what_the_model_saw",),
