@@ -183,8 +183,8 @@ class Settings(BaseSettings):
 
 
 def usable_cores() -> int:
-    """Cores this process may use: its CPU affinity (taskset, cpusets) capped by a cgroup v2
-    CPU quota (a Kubernetes CPU limit), never the host's count."""
+    """Cores this process may use: its CPU affinity (taskset, cpusets) capped by a cgroup CPU
+    quota (a Kubernetes CPU limit, `docker run --cpus`), never the host's count."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
@@ -193,13 +193,23 @@ def usable_cores() -> int:
     return max(1, min(cores, math.ceil(quota))) if quota else cores
 
 
-def cgroup_cpu_quota(path: Path = Path("/sys/fs/cgroup/cpu.max")) -> float | None:
-    """CPUs allowed by the cgroup v2 quota ("200000 100000" -> 2.0); None when unlimited."""
+def cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPUs allowed by the cgroup CPU quota; None when unlimited. cgroup v2: cpu.max ("200000
+    100000" -> 2.0); cgroup v1 (Docker on a v1 host): cpu.cfs_quota_us / cpu.cfs_period_us in
+    the cpu controller's directory (-1: unlimited)."""
     try:
-        quota, period = path.read_text().split()[:2]
+        quota, period = (root / "cpu.max").read_text().split()[:2]
         return None if quota == "max" else int(quota) / int(period)
     except (OSError, ValueError):
-        return None
+        pass
+    for controller in ("cpu", "cpu,cpuacct"):
+        try:
+            quota = int((root / controller / "cpu.cfs_quota_us").read_text())
+            period = int((root / controller / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            continue
+        return quota / period if quota > 0 and period > 0 else None
+    return None
 
 
 def settings_table() -> str:

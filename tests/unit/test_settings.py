@@ -36,3 +36,40 @@ def test_readme_documents_every_setting():
     readme = (REPO / "README.md").read_text()
     for line in settings_table().splitlines()[2:]:
         assert line in readme, f"README settings table is stale: {line}"
+
+
+def write(root, files: dict[str, str]):
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root
+
+
+@pytest.mark.parametrize(
+    "files, cpus",
+    [
+        ({"cpu.max": "150000 100000\n"}, 1.5),  # cgroup v2 (a Kubernetes limit of 1500m)
+        ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1.0),  # docker --cpus 1 on v1
+        ({"cpu,cpuacct/cpu.cfs_quota_us": "50000\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"}, 0.5),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),  # v1 unlimited
+        ({}, None),  # no cgroup filesystem
+    ],
+)
+def test_cgroup_cpu_quota_reads_v2_and_v1(tmp_path, files, cpus):
+    from service.settings import cgroup_cpu_quota
+
+    assert cgroup_cpu_quota(write(tmp_path, files)) == cpus
+
+
+def test_usable_cores_follow_the_quota(monkeypatch):
+    import service.settings as settings
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})  # a 2-core host seen from a container
+    monkeypatch.setattr(settings, "cgroup_cpu_quota", lambda: 1.0)  # docker run --cpus 1
+    assert settings.usable_cores() == 1
+    assert Settings(workers=1).ort_threads() == 1
+    monkeypatch.setattr(settings, "cgroup_cpu_quota", lambda: 1.5)  # a fraction rounds up
+    assert settings.usable_cores() == 2
+    monkeypatch.setattr(settings, "cgroup_cpu_quota", lambda: None)
+    assert settings.usable_cores() == 2
