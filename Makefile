@@ -11,7 +11,7 @@ export DEEPSERVE_DATA_DIR ?= $(abspath ../shared/datasets)
 endif
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: help serve test test-fast lint tools loadtest stress bench bench-framing mutants train train-smoke evaluate publish build fixtures settings-table clean gpu-check gpu-verify gpu-stage screenshots
+.PHONY: help serve test test-fast lint tools loadtest stress bench bench-framing mutants train train-smoke evaluate publish build fixtures settings-table clean gpu-check gpu-verify gpu-stage screenshots image image-gpu test-image-gpu
 
 help:
 	@echo "make serve        serve exported/ models on $(HOST):$(PORT) (PORT=... to change)"
@@ -22,6 +22,7 @@ help:
 	@echo "make publish FAMILY=f [EPOCHS=n]   train a new inactive version of one family, evaluate it, print how to load it"
 	@echo "make lint         ruff check + ruff format --check (part of make test)"
 	@echo "make build        bentoml build (a Bento with service/ and exported/)"
+	@echo "make image       the Bento's image (bentoml containerize) on a base made by debootstrap; make image-gpu, make test-image-gpu"
 	@echo "make loadtest     locust against URL (default: starts deepserve); results/loadtest-*/"
 	@echo "make stress       goodput at 8x saturation per endpoint (wrk, resending clients); 256 clients for a minute"
 	@echo "make bench        deepserve vs FastAPI, LitServe, no-op and in-process ORT -> docs/benchmarks.md"
@@ -49,9 +50,11 @@ test: $(VENV)/.dev-installed tools lint
 
 # System tools from Debian's packages, as root: prometheus + promtool (the monitoring test),
 # wrk (make bench, make stress), haproxy (the replica-crash test), chromium + chromedriver
-# (the playground's browser test). Tests that need a missing tool skip with a clear message.
-TOOLS := prometheus promtool wrk haproxy chromium chromedriver
-APT_TOOLS := prometheus wrk haproxy chromium chromium-driver
+# (the playground's browser test), docker.io + debootstrap (make image, the container and
+# swarm tests; the tests start dockerd when it is not running). Tests that need a missing
+# tool skip with a clear message.
+TOOLS := prometheus promtool wrk haproxy chromium chromedriver docker dockerd debootstrap
+APT_TOOLS := prometheus wrk haproxy chromium chromium-driver docker.io debootstrap
 tools:
 	@missing=""; for t in $(TOOLS); do command -v $$t >/dev/null || missing="$$missing $$t"; done; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
@@ -142,6 +145,21 @@ gpu-verify:
 # -> .stage/ (ignored) and the exact calls in .stage/RUNBOOK.md
 gpu-stage: $(VENV)/.serve-installed
 	$(PY) -m deploy.gpu.stage build $(if $(ALL_ARCHS),--all-archs)
+
+# The Bento and its image, the way a BentoML user builds them (bentoml build + bentoml
+# containerize, BuildKit), on deepserve-base:bookworm: made from Debian's packages by
+# debootstrap once per machine (no image registry needed; deploy/image/). Prints the tag;
+# also tagged deepserve:latest (deepserve-gpu:latest). Not in make test: its tests build it.
+image: $(VENV)/.serve-installed tools
+	deploy/image/build.sh bentofile.yaml
+
+# the GPU image (~1.9 GB of CUDA wheels: outside make test) and its own check: make gpu-check's
+# logic (deploy/gpu_check.py) run inside the image, against the image's /app/.venv
+image-gpu: $(VENV)/.serve-installed tools
+	deploy/image/build.sh deploy/bentofile-gpu.yaml
+
+test-image-gpu: image-gpu
+	deploy/image/gpu_check.sh deepserve-gpu:latest
 
 # the playground's screenshots in docs/img/ (shown by the README), from a run of its browser test
 screenshots: $(VENV)/.dev-installed tools

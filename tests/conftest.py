@@ -69,7 +69,7 @@ def pytest_collection_modifyitems(items):
     gave them; every other test runs in the shuffled order."""
     for item in items:
         folder = Path(item.fspath).parent.name
-        if folder in ("unit", "export", "contract", "service", "deploy", "browser"):
+        if folder in ("unit", "export", "contract", "service", "deploy", "browser", "container"):
             item.add_marker(getattr(pytest.mark, folder))
     slots = [i for i, item in enumerate(items) if getattr(getattr(item, "module", None), "SESSION", False)]
     ordered = sorted((items[i] for i in slots), key=lambda item: dict(item.user_properties)["collected"])
