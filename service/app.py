@@ -25,6 +25,7 @@ import asyncio
 import collections
 import contextlib
 import contextvars
+import hmac
 import itertools
 import logging
 import os
@@ -33,13 +34,15 @@ import threading
 import time
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import parse_qsl
 
 import numpy as np
 import orjson
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.middleware.cors import CORSMiddleware
 
-from service import images, metrics, tasks, tracing
+from service import compat, images, metrics, tasks, tracing
 from service import routes as route_table
 from service.batching import Overloaded
 from service.core import Core, NotServed
@@ -105,7 +108,7 @@ class Request:
         "cancelled",
         "app",
         "settings",
-        "_alive",
+        "_hung_up",
         "span",
         "span_attributes",
         "starts",
@@ -120,8 +123,7 @@ class Request:
         self.timings: dict[str, float] = {}
         self.endpoint = "unrouted"
         self.cancelled = threading.Event()  # set when the request ends without an answer in flight
-        owner = getattr(receive, "__self__", None)  # uvicorn's RequestResponseCycle
-        self._alive = (lambda: not owner.disconnected) if hasattr(owner, "disconnected") else None
+        self._hung_up = compat.disconnect_probe(receive)  # None: the server does not say (a test client)
         self.trace = None  # (version, trace id, parent span id, flags) from a W3C traceparent
         self.span = self.span_attributes = self.starts = None  # tracing on: its span, stage start times
         self.id = self._request_id()
@@ -156,13 +158,13 @@ class Request:
 
     def hung_up(self) -> bool:
         """True once the client's connection is closed (as far as the server can tell)."""
-        return self._alive is not None and not self._alive()
+        return self._hung_up is not None and self._hung_up()
 
     def alive(self) -> bool:
         """False once the client has hung up (or the request was given up)."""
         if self.cancelled.is_set():
             return False
-        return self._alive() if self._alive is not None else True
+        return self._hung_up is None or not self._hung_up()
 
     def media_type(self) -> str:
         return self.header("content-type").split(";")[0].strip().lower()
@@ -263,8 +265,6 @@ class Request:
     async def urlencoded(self, limit: int) -> dict[str, Any]:
         """application/x-www-form-urlencoded (what BentoML's client sends when a call has no
         file: text for /classify) -> fields, decoded like multipart fields."""
-        from urllib.parse import parse_qsl
-
         body = await self.body(limit)
         try:
             pairs = parse_qsl(
@@ -567,8 +567,6 @@ class App:
         key = self.settings.api_key
         if not key:
             return
-        import hmac
-
         given = req.header("x-api-key").strip()
         auth = req.header("authorization")
         if auth[:7].lower() == "bearer ":
@@ -639,8 +637,6 @@ def build_app(core: Core | None = None, settings: Settings | None = None, fallba
     origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
     if not origins:
         return app
-    from starlette.middleware.cors import CORSMiddleware
-
     cors = CORSMiddleware(
         app,
         allow_origins=origins,

@@ -1,15 +1,23 @@
-"""What deepserve takes from BentoML's internals, in one place (pinned: bentoml==1.4.39).
+"""Every use of a library's internals, in one place: BentoML (pinned 1.4.39), prometheus-client
+(0.26.0) and uvicorn (0.54.0), as pyproject.toml pins them.
 
-Each function here reads something BentoML does not publish as API; tests/unit/test_compat.py
-checks each one against the installed BentoML and names the pinned version when it breaks.
+Each function here reads or changes something its library does not publish as API;
+tests/unit/test_compat.py checks each one against the installed library and names the library
+and its pinned version when it breaks, so an upgrade fails there first, not in production.
+BentoML's internals are imported inside the functions that need them: importing service.compat
+costs nothing until one is used (`bentoml._internal` pulls in BentoML's configuration).
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 PINNED_BENTOML = "1.4.39"
+PINNED_PROMETHEUS_CLIENT = "0.26.0"
+PINNED_UVICORN = "0.54.0"
 
 # exporter_type -> protocol -> the module BentoML imports in each worker
 # (bentoml/_internal/configuration/containers.py, tracer_provider)
@@ -85,3 +93,92 @@ def tracer_provider():
     if kind not in EXPORTERS and kind not in ("in_memory", "console"):
         return None
     return BentoMLContainer.tracer_provider.get()
+
+
+# --------------------------------------------------------------------------- BentoML
+
+
+def put_in_front(service, front, behind: Callable[[Any], None]) -> None:
+    """Make `front` the ASGI app of each worker of the BentoML service `service` (what
+    `bentoml.service` made of a class): BentoML's worker calls `service.to_asgi()`; the
+    service's class is swapped for a subclass whose `to_asgi` hands BentoML's own app to
+    `behind` (probes, /metrics, lifespan) and answers `front`."""
+
+    class FrontDoorService(type(service)):
+        __slots__ = ()  # BentoML's Service is a slotted attrs class
+
+        def to_asgi(self, is_main: bool = True):
+            behind(super().to_asgi(is_main))
+            return front
+
+    service.__class__ = FrontDoorService
+
+
+def swagger_static_dir() -> Path | None:
+    """The folder of Swagger UI files inside BentoML's package (served under /static/swagger/
+    so the docs page makes no third-party request); None where BentoML has none."""
+    try:
+        import bentoml._internal.server as bentoml_server
+    except ImportError:
+        return None
+    folder = Path(bentoml_server.__file__).parent / "static_content"
+    return folder if folder.is_dir() else None
+
+
+def worker_index() -> str:
+    """BentoML's worker index (1, 2, ...) in a worker; "0" outside a server."""
+    try:
+        from bentoml._internal.context import server_context
+
+        return str(server_context.worker_index or 0)
+    except Exception:
+        return "0"
+
+
+# --------------------------------------------------------------------------- prometheus-client
+
+
+def histogram_add(child, total: float, counts: list[int]) -> None:
+    """Add many observations to one labelled histogram at once: their sum, and how many fell
+    in each bucket (not cumulative, as prometheus_client keeps them: `_sum` and `_buckets`,
+    which `observe()` increments one observation at a time)."""
+    child._sum.inc(total)
+    for bucket, n in zip(child._buckets, counts):
+        if n:
+            bucket.inc(n)
+
+
+# --------------------------------------------------------------------------- uvicorn
+
+
+def disconnect_probe(receive) -> Callable[[], bool] | None:
+    """A function telling whether the client of this ASGI request has hung up (uvicorn's
+    RequestResponseCycle, whose bound `receive` this is, keeps `disconnected`); None under a
+    server that does not say (a test client)."""
+    cycle = getattr(receive, "__self__", None)
+    if not hasattr(cycle, "disconnected"):
+        return None
+    return lambda: cycle.disconnected
+
+
+def uvicorn_server(sigterm_handler):
+    """The uvicorn.Server whose SIGTERM handler (its bound `handle_exit`) this is, else None."""
+    server = getattr(sigterm_handler, "__self__", None)
+    return server if hasattr(server, "server_state") and hasattr(server, "config") else None
+
+
+def set_uvicorn_timeouts(server, keep_alive_s: float, graceful_shutdown_s: float) -> None:
+    """Keep-alive and graceful-shutdown timeouts of a running uvicorn server (its config is
+    read per connection and at shutdown, so a change applies from here on)."""
+    server.config.timeout_keep_alive = keep_alive_s
+    server.config.timeout_graceful_shutdown = graceful_shutdown_s
+
+
+def connections(server) -> list[tuple[int, bool | None]]:
+    """The server's open connections, each as (its id, whether its current response is
+    complete: None when no request has been parsed on it yet)."""
+    out = []
+    for conn in list(getattr(getattr(server, "server_state", None), "connections", ())):
+        cycle = getattr(conn, "cycle", None)
+        out.append((id(conn), None if cycle is None else cycle.response_complete))
+    return out

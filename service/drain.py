@@ -22,6 +22,8 @@ import struct
 import sys
 import time
 
+from service import compat
+
 log = logging.getLogger("deepserve")
 QUIET_S = 0.25  # defaults of settings.drain_quiet_s and drain_fresh_connection_s (no app: unit use)
 FRESH_S = 1.0
@@ -62,12 +64,11 @@ def busy_connections(server, first_seen: dict | None = None, fresh_s: float = FR
     if server is None:
         return 0
     busy, now = 0, time.monotonic()
-    for conn in list(getattr(getattr(server, "server_state", None), "connections", ())):
-        cycle = getattr(conn, "cycle", None)
-        if cycle is None:
-            if first_seen is not None and now - first_seen.setdefault(id(conn), now) < fresh_s:
+    for conn, complete in compat.connections(server):
+        if complete is None:
+            if first_seen is not None and now - first_seen.setdefault(conn, now) < fresh_s:
                 busy += 1
-        elif not cycle.response_complete:
+        elif not complete:
             busy += 1
     return busy
 
@@ -91,7 +92,7 @@ class Drain:
         previous = signal.getsignal(signal.SIGTERM)
         if not callable(previous):
             return
-        self.server = getattr(previous, "__self__", None)
+        self.server = compat.uvicorn_server(previous)
         self._apply_timeouts()
 
         def on_term(sig, frame):
@@ -107,11 +108,9 @@ class Drain:
         """Keep-alive longer than common clients' idle expiry (httpx: 5 s) and load
         balancers' (60 s), so the server is never the side that closes a connection a client
         is about to reuse; a bounded wait for stragglers after the drain."""
-        config = getattr(self.server, "config", None)
         settings = getattr(self.app, "settings", None)
-        if config is not None and settings is not None:
-            config.timeout_keep_alive = settings.keep_alive_s
-            config.timeout_graceful_shutdown = settings.graceful_shutdown_s
+        if self.server is not None and settings is not None:
+            compat.set_uvicorn_timeouts(self.server, settings.keep_alive_s, settings.graceful_shutdown_s)
 
     def start(self) -> None:
         """Drain as if SIGTERM had arrived (used when the supervisor is gone)."""

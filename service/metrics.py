@@ -17,6 +17,8 @@ import threading
 from collections import defaultdict
 from types import SimpleNamespace
 
+from service import compat
+
 # CPU inference of these models takes 0.1–50 ms per batch; buckets resolve that range.
 SECONDS_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.0, 2.0, 5.0)
 REQUEST_BUCKETS = (
@@ -48,12 +50,7 @@ STAGES = ("read", "decode", "queue", "infer", "encode", "total")
 
 def worker_index() -> str:
     """BentoML's worker index (1, 2, ...) in a worker; "0" outside a server."""
-    try:
-        from bentoml._internal.context import server_context
-
-        return str(server_context.worker_index or 0)
-    except Exception:
-        return "0"
+    return compat.worker_index()
 
 
 @functools.cache
@@ -186,13 +183,7 @@ class Aggregator:
         for (metric, labels), n in counters.items():
             getattr(m, metric).labels(*labels).inc(n)
         for (metric, labels), (total, counts) in histograms.items():
-            # prometheus_client keeps a histogram as its sum and a count per bucket (not
-            # cumulative), which observe() increments; the same, in one write per bucket
-            child = getattr(m, metric).labels(*labels)
-            child._sum.inc(total)
-            for bucket, n in zip(child._buckets, counts):
-                if n:
-                    bucket.inc(n)
+            compat.histogram_add(getattr(m, metric).labels(*labels), total, counts)  # one write per bucket
 
 
 aggregate = Aggregator()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import mimetypes
 from pathlib import Path
 
-from service import admin, dataplane, openapi, v2
+from service import admin, compat, dataplane, openapi, v2
 from service.errors import ApiError, shown, str_field
 from service.httpkit import Response, Route, json_response
 from service.tasks import TASKS, Answer, Body, Task, routes
@@ -76,13 +76,9 @@ def static_files() -> dict[str, Path]:
     """The fixed set of files under /static/: the playground's, and the Swagger UI's from
     BentoML's package (served from here so the docs page makes no third-party request)."""
     files = {p.relative_to(STATIC).as_posix(): p for p in STATIC.rglob("*") if p.is_file()} if STATIC.is_dir() else {}
-    try:
-        import bentoml._internal.server as bentoml_server
-
-        bundled = Path(bentoml_server.__file__).parent / "static_content"
+    bundled = compat.swagger_static_dir()
+    if bundled is not None:
         files.update({f"swagger/{n}": bundled / n for n in SWAGGER if (bundled / n).is_file()})
-    except ImportError:
-        pass
     return files
 
 

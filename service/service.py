@@ -11,6 +11,7 @@ declared.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import os
@@ -19,13 +20,14 @@ import socket
 import bentoml
 from pydantic import ValidationError
 
+from service import metrics, tracing
 from service.app import build_app
-from service.compat import tracing_config, tracing_problem
-from service.core import load_all
+from service.compat import put_in_front, tracing_config, tracing_problem
+from service.core import Core, load_all
 from service.drain import Drain, listening_fd
 from service.runtime import ModelLoadError, device_problem
 from service.settings import Settings
-from service.versions import StartGuard
+from service.versions import Follower, StartGuard, watch_supervisor
 
 log = logging.getLogger("deepserve")
 PROBES = ["/livez", "/healthz", "/readyz", "/metrics"]
@@ -74,9 +76,6 @@ app = getattr(front, "deepserve", front)
 )
 class DeepServe:
     def __init__(self) -> None:
-        from service import tracing
-        from service.core import Core
-
         tracing.setup()  # spans only when BentoML's tracing configuration names an exporter
         self.core = Core(settings)  # verified again here; serves nothing it could not verify
         self.drain = Drain(settings.request_timeout_s, app)
@@ -85,10 +84,6 @@ class DeepServe:
 
     @bentoml.on_startup
     async def warm_up(self) -> None:
-        import asyncio
-
-        from service.versions import Follower, watch_supervisor
-
         self.drain.install()  # uvicorn's signal handlers are in place by now
         await self.core.warmup()
         starts.succeeded()
@@ -98,8 +93,6 @@ class DeepServe:
 
     @bentoml.on_shutdown
     def close(self) -> None:
-        from service import metrics
-
         if getattr(self, "follower", None) is not None:
             self.follower.stop()
         self.core.shutdown()
@@ -109,17 +102,11 @@ class DeepServe:
         return self.core.ready and not self.drain.draining
 
 
-class _FrontDoorService(type(DeepServe)):
-    """BentoML's Service, whose worker app gets deepserve's front door in front of it."""
-
-    __slots__ = ()
-
-    def to_asgi(self, is_main: bool = True):
-        app.fallback = super().to_asgi(is_main)  # BentoML's app: probes, /metrics, lifespan
-        return front
+def _behind(bentoml_app) -> None:
+    app.fallback = bentoml_app  # BentoML's app: probes, /metrics, lifespan
 
 
-DeepServe.__class__ = _FrontDoorService
+put_in_front(DeepServe, front, _behind)  # each worker's ASGI app is deepserve's front door
 
 
 def warn_if_open(s: Settings, fd: int | None = None) -> bool:
