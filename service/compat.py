@@ -37,7 +37,7 @@ EXPORTERS = {
 def service_overrides(name: str) -> dict[str, Any]:
     """The per-service configuration a user gave BentoML (BENTOML_CONFIG file or
     BENTOML_CONFIG_OPTIONS: `services.<name>.…`), as BentoML's container holds it."""
-    from bentoml._internal.configuration.containers import BentoMLContainer
+    from bentoml._internal.configuration.containers import BentoMLContainer  # on use: BentoML's configuration
 
     try:
         services = BentoMLContainer.config.services.get() or {}
@@ -84,7 +84,7 @@ def tracer_provider():
     exporter (its sampler and exporter, as the user configured them), else None: with no
     exporter deepserve creates no span objects at all (BentoML's provider would still sample
     and record spans it never exports, so a low sample rate is not "off")."""
-    from bentoml._internal.configuration.containers import BentoMLContainer
+    from bentoml._internal.configuration.containers import BentoMLContainer  # on use: BentoML's configuration
 
     try:
         kind = BentoMLContainer.config.tracing.exporter_type.get()
@@ -118,7 +118,7 @@ def swagger_static_dir() -> Path | None:
     """The folder of Swagger UI files inside BentoML's package (served under /static/swagger/
     so the docs page makes no third-party request); None where BentoML has none."""
     try:
-        import bentoml._internal.server as bentoml_server
+        import bentoml._internal.server as bentoml_server  # on use (module docstring)
     except ImportError:
         return None
     folder = Path(bentoml_server.__file__).parent / "static_content"
@@ -128,7 +128,7 @@ def swagger_static_dir() -> Path | None:
 def worker_index() -> str:
     """BentoML's worker index (1, 2, ...) in a worker; "0" outside a server."""
     try:
-        from bentoml._internal.context import server_context
+        from bentoml._internal.context import server_context  # on use (module docstring)
 
         return str(server_context.worker_index or 0)
     except Exception:
