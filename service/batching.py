@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from service import tracing
+from service import priority, tracing
 from service.errors import ClientGone
 
 
@@ -75,6 +75,8 @@ class Batcher:
         max_latency_ms: float = 2000,
         max_batch_rows: int = 0,
         on_batch: Callable[[str, int, int, float], None] | None = None,
+        gate: priority.Gate | None = None,
+        on_shed: Callable[[str, int], None] | None = None,
     ):
         self.name, self.fn, self.executor = name, fn, executor
         self.max_batch_size = max_batch_size if enabled else 1
@@ -84,60 +86,175 @@ class Batcher:
         # it, and answers come in lumps
         self.max_batch_rows = max_batch_rows
         self.on_batch = on_batch  # (name, requests, rows, seconds), from the batch thread
+        self.on_shed = on_shed  # (name, class) for each queued request shed for higher-class work
+        self.gate = gate or priority.Gate(0.1, max_batch_rows or 512, 1.0)  # a private one: classes still order
         self.cost = CostModel()
-        self.queue: collections.deque[_Pending] = collections.deque()
-        self.queued_rows = 0
+        self.queues: tuple[collections.deque[_Pending], ...] = tuple(collections.deque() for _ in priority.CLASSES)
+        self.rows_by_class = [0] * len(priority.CLASSES)
+        self.last_start = [0.0] * len(priority.CLASSES)  # when each class's last batch started
         self.running_until = 0.0  # predicted end of the batch in flight (monotonic)
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
 
-    def predicted_wait(self, rows: int) -> float:
-        """Seconds a request of `rows` rows would wait and run if it arrived now."""
-        batches_ahead = -(-len(self.queue) // self.max_batch_size) + 1
+    @property
+    def queue(self) -> list[_Pending]:
+        """Every queued request, highest class first."""
+        return [p for q in self.queues for p in q]
+
+    @property
+    def queued_rows(self) -> int:
+        return sum(self.rows_by_class)
+
+    def idle(self) -> bool:
+        return not any(self.queues) and not self.running_until
+
+    def predicted_wait(self, rows: int, cls: int = priority.INTERACTIVE) -> float:
+        """Seconds a request of `rows` rows and class `cls` would wait and run if it arrived
+        now: the batch in flight, then what is queued at its class or above."""
+        ahead = sum(len(q) for q in self.queues[: cls + 1])
+        ahead_rows = sum(self.rows_by_class[: cls + 1])
+        batches_ahead = -(-ahead // self.max_batch_size) + 1
         if self.max_batch_rows:
-            batches_ahead = max(batches_ahead, -(-self.queued_rows // self.max_batch_rows) + 1)
+            batches_ahead = max(batches_ahead, -(-ahead_rows // self.max_batch_rows) + 1)
         running = max(self.running_until - time.monotonic(), 0.0)
-        return running + self.cost.seconds(self.queued_rows + rows, batches_ahead)
+        return running + self.cost.seconds(ahead_rows + rows, batches_ahead)
 
-    def admit(self, rows: int, spent_s: float = 0.0) -> None:
+    def admit(self, rows: int, spent_s: float = 0.0, cls: int = priority.INTERACTIVE) -> None:
         """Shed now if the request would be late (call before doing work for it); `spent_s`:
-        what the request has already waited (for a slot, its body), which counts too."""
-        if self.queue and spent_s + self.predicted_wait(rows) > self.max_latency_s:
-            raise Overloaded(f"{self.name} is overloaded: the request would wait too long")
+        what the request has already waited (for a slot, its body), which counts too. Queued
+        requests of lower classes are shed first, lowest first (service.priority)."""
+        if cls == priority.SHADOW:
+            if not self.gate.spare() or any(self.queues):
+                raise Overloaded(f"{self.name}: no spare capacity for shadow work")
+            return
+        while any(self.queues[: cls + 1]) and spent_s + self.predicted_wait(rows, cls) > self.max_latency_s:
+            if not self._shed_lower(cls):
+                raise Overloaded(f"{self.name} is overloaded: the request would wait too long")
 
-    async def submit(self, job: Any, rows: int, alive: Callable[[], bool] | None = None, spent_s: float = 0.0) -> Any:
-        """One validated job in, its result out (batched with concurrent jobs)."""
-        self.admit(rows, spent_s)
-        if self._loop_task is None:
+    def _shed_lower(self, cls: int) -> bool:
+        """Shed the newest queued request of the lowest class below `cls`; False if none."""
+        for lower in range(len(self.queues) - 1, cls, -1):
+            q = self.queues[lower]
+            if q:
+                p = q.pop()
+                self._left_queue(p, lower)
+                if not p.future.done():
+                    p.future.set_exception(Overloaded(f"{self.name}: shed for higher-priority work"))
+                if self.on_shed is not None:
+                    self.on_shed(self.name, lower)
+                return True
+        return False
+
+    def _left_queue(self, p: _Pending, cls: int) -> None:
+        self.rows_by_class[cls] -= p.rows
+        self.gate.finished(cls, queued=True)
+
+    async def submit(
+        self,
+        job: Any,
+        rows: int,
+        alive: Callable[[], bool] | None = None,
+        spent_s: float = 0.0,
+        cls: int = priority.INTERACTIVE,
+    ) -> Any:
+        """One validated job in, its result out (batched with concurrent jobs of its class)."""
+        self.admit(rows, spent_s, cls)
+        if self._loop_task is None or self._loop_task.done():  # first use, or a late job for a closed version
             self._wake = asyncio.Event()
             self._loop_task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.name}")
         fut = asyncio.get_running_loop().create_future()
-        self.queue.append(_Pending(job, rows, fut, time.monotonic(), alive))
-        self.queued_rows += rows
+        self.queues[cls].append(_Pending(job, rows, fut, time.monotonic(), alive))
+        self.rows_by_class[cls] += rows
+        self.gate.queued(cls)
         self._wake.set()
         return await fut
+
+    def _take(self, cls: int) -> list[_Pending]:
+        """The next batch, of class `cls`, up to its limits; skipped requests (cancelled,
+        client gone, shadow work past its wait) are settled on the way."""
+        self.last_start[cls] = time.monotonic()
+        q, now = self.queues[cls], time.monotonic()
+        max_rows = self.max_batch_rows if cls == priority.INTERACTIVE else self.gate.chunk_rows
+        batch: list[_Pending] = []
+        taken = 0
+        while q and len(batch) < self.max_batch_size:
+            p = q[0]
+            if batch and max_rows and taken + p.rows > max_rows:
+                break  # it starts the next batch
+            q.popleft()
+            if p.future.done():  # cancelled: timed out or failed while queued
+                self._left_queue(p, cls)
+                continue
+            if p.alive is not None and not p.alive():  # the client hung up while queued
+                self._left_queue(p, cls)
+                p.future.set_exception(ClientGone())
+                continue
+            if cls == priority.SHADOW and now - p.queued_at > self.gate.shadow_max_wait_s:
+                self._left_queue(p, cls)
+                p.future.set_exception(Overloaded(f"{self.name}: shadow work waited too long"))
+                continue
+            self.rows_by_class[cls] -= p.rows
+            batch.append(p)
+            taken += p.rows
+        self.gate.started(cls, len(batch))
+        return batch
+
+    def _expire_shadow(self) -> None:
+        """Drop shadow jobs that waited past the gate's shadow wait (they never run late)."""
+        q, now = self.queues[priority.SHADOW], time.monotonic()
+        while q and now - q[0].queued_at > self.gate.shadow_max_wait_s:
+            p = q.popleft()
+            self._left_queue(p, priority.SHADOW)
+            if not p.future.done():
+                p.future.set_exception(Overloaded(f"{self.name}: shadow work waited too long"))
+
+    def _since(self, cls: int) -> float:
+        """When the head of class `cls` began to wait: its arrival, or the start of this
+        batcher's last batch of that class, whichever is later."""
+        return max(self.queues[cls][0].queued_at, self.last_start[cls])
+
+    def _pick(self) -> int:
+        """The class of the next batch: the highest waiting, unless a batch-class head has
+        waited the gate's max wait (no starvation; shadow work never ages, it is dropped)."""
+        top = next(i for i, q in enumerate(self.queues) if q)
+        aged = self.queues[priority.BATCH] and time.monotonic() - self._since(priority.BATCH) >= self.gate.max_wait_s
+        return priority.BATCH if top == priority.INTERACTIVE and aged else top
+
+    def _may_start(self, cls: int) -> bool:
+        if not self.gate.blocks(cls):
+            return True
+        if cls == priority.BATCH and time.monotonic() - self._since(cls) >= self.gate.max_wait_s:
+            self.gate.aged[cls] += 1
+            return True
+        return False
+
+    async def _wait_for_gate(self, cls: int) -> None:
+        """Until higher-class demand in the worker ends, a job reaches this batcher, or (batch
+        class) the head's max wait is over."""
+        left = self.gate.shadow_max_wait_s if cls == priority.SHADOW else self.gate.max_wait_s
+        left = self._since(cls) + left - time.monotonic()
+        self._wake.clear()
+        changed = asyncio.ensure_future(self.gate.changed().wait())
+        woke = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait((changed, woke), timeout=max(left, 0.001), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            changed.cancel()
+            woke.cancel()
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            while not self.queue:
+            while not any(self.queues):
                 self._wake.clear()
                 await self._wake.wait()
-            batch: list[_Pending] = []
-            taken = 0
-            while self.queue and len(batch) < self.max_batch_size:
-                p = self.queue[0]
-                if batch and self.max_batch_rows and taken + p.rows > self.max_batch_rows:
-                    break  # it starts the next batch
-                self.queue.popleft()
-                self.queued_rows -= p.rows
-                if p.future.done():  # cancelled: timed out or failed while queued
-                    continue
-                if p.alive is not None and not p.alive():  # the client hung up while queued
-                    p.future.set_exception(ClientGone())
-                    continue
-                batch.append(p)
-                taken += p.rows
+            cls = self._pick()
+            if cls > priority.INTERACTIVE and not self._may_start(cls):
+                await self._wait_for_gate(cls)
+                if cls == priority.SHADOW:
+                    self._expire_shadow()
+                continue
+            batch = self._take(cls)
             if not batch:
                 continue
             rows = sum(p.rows for p in batch)
@@ -145,7 +262,7 @@ class Batcher:
             traced = tracing.TRACER is not None and time.perf_counter()
             self.running_until = start + self.cost.seconds(rows, 1)
             try:
-                results = await loop.run_in_executor(self.executor, self._run, [p.job for p in batch], rows)
+                results = await loop.run_in_executor(self.executor, self._run, [p.job for p in batch], rows, cls)
             except Exception as exc:  # the batch failed: every request in it gets the error
                 for p in batch:
                     if not p.future.done():
@@ -153,6 +270,7 @@ class Batcher:
                 continue
             finally:
                 self.running_until = 0.0
+                self.gate.finished(cls, len(batch))
             if traced:
                 tracing.batch(self.name, [p.job for p in batch], rows, traced, time.perf_counter() - traced)
             for p, r in zip(batch, results):
@@ -161,9 +279,10 @@ class Batcher:
                 if not p.future.done():
                     p.future.set_result(r)
 
-    def _run(self, jobs: list[Any], rows: int) -> Sequence[Any]:
+    def _run(self, jobs: list[Any], rows: int, cls: int = priority.INTERACTIVE) -> Sequence[Any]:
         start = time.perf_counter()
-        results = self.fn(jobs)
+        with priority.running_as(cls):
+            results = self.fn(jobs)
         seconds = time.perf_counter() - start
         if len(results) != len(jobs):  # the batching contract: one result per request
             raise RuntimeError(f"{self.name}: {len(results)} results for {len(jobs)} requests")
@@ -171,14 +290,17 @@ class Batcher:
         for job in jobs:
             if hasattr(job, "infer_s"):
                 job.infer_s = seconds
-        if self.on_batch is not None:
+                job.batch_rows = rows
+        if self.on_batch is not None and cls != priority.SHADOW:
             self.on_batch(self.name, len(jobs), rows, seconds)
         return results
 
     def shutdown(self) -> None:
         if self._loop_task is not None:
             self._loop_task.cancel()
-        while self.queue:
-            p = self.queue.popleft()
-            if not p.future.done():
-                p.future.cancel()
+        for cls, q in enumerate(self.queues):
+            while q:
+                p = q.popleft()
+                self._left_queue(p, cls)
+                if not p.future.done():
+                    p.future.cancel()

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from service import metrics
+from service import metrics, priority
 from service.batching import Batcher
 from service.errors import shown
 from service.metadata import Manifest, MetadataError, read_manifest
+from service.rollout import Rollouts
 from service.runtime import Model, ModelLoadError, load_model, sha256_file
 from service.settings import Settings, usable_cores
 from service.tasks import TASKS, Job, Task, run_job
@@ -123,6 +124,13 @@ class Core:
         self.executors: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
         self.active: dict[str, Loaded] = {}
         self.previous: dict[str, Loaded] = {}
+        self.candidates: dict[str, Loaded] = {}  # a family's candidate: loaded, serving only its rollout's share
+        self.rollouts = Rollouts(self, settings)  # shadow, canary and their tallies (service.rollout)
+        # priority classes across this worker's batchers (service.priority)
+        self.gate = priority.Gate(
+            settings.priority_max_wait_ms / 1000, settings.priority_chunk_rows, settings.shadow_max_wait_ms / 1000
+        )
+        metrics.watch_gate(self.gate)
         for family, loaded in active.items():
             self.serve(loaded)
             self.active[family] = loaded
@@ -180,17 +188,24 @@ class Core:
             raise NotServed(f"no model {shown(name)}")
         loaded = self.active[entry.family]
         if version is not None and version != loaded.version:
-            prev = self.previous.get(entry.family)
-            if prev is None or prev.version != version:
+            loaded = next((x for x in self._others(entry.family) if x.version == version), None)
+            if loaded is None:
                 raise NotServed(
                     f"model {name!r} has no loaded version {shown(version)}; loaded: {self.loaded_versions(name)}"
                 )
-            loaded = prev
         return loaded.models[name], loaded.batchers[name]
+
+    def candidate(self, name: str) -> tuple[Model, Batcher] | None:
+        """The model at its family's candidate version, if one is loaded."""
+        loaded = self.candidates.get(self.family_of(name))
+        return (loaded.models[name], loaded.batchers[name]) if loaded is not None else None
+
+    def _others(self, family: str) -> list[Loaded]:
+        return [x for x in (self.previous.get(family), self.candidates.get(family)) if x is not None]
 
     def loaded_versions(self, name: str) -> list[str]:
         family = self.family_of(name)
-        return [x.version for x in (self.active.get(family), self.previous.get(family)) if x is not None]
+        return [x.version for x in (self.active.get(family), *self._others(family)) if x is not None]
 
     @property
     def provider(self) -> str:
@@ -216,6 +231,8 @@ class Core:
                 max_latency_ms=s.max_latency_ms,
                 max_batch_rows=s.max_batch_rows,
                 on_batch=metrics.observe_requests,
+                gate=self.gate,
+                on_shed=metrics.priority_shed,
             )
         return loaded
 
@@ -228,6 +245,8 @@ class Core:
         if old is not None and old.version == loaded.version:
             return
         self.active[family] = loaded
+        if self.candidates.get(family) is loaded:  # a promoted candidate
+            del self.candidates[family]
         if old is not None:
             self.previous[family] = old
         if older is not None and older is not loaded and older is not old:
@@ -237,6 +256,16 @@ class Core:
         if old is not None:
             for model in old.models.values():
                 metrics.model_served(model, 0)
+
+    def set_candidate(self, loaded: Loaded | None, family: str) -> None:
+        """Hold `loaded` as the family's candidate (None: drop it; closed once idle, unless it
+        is also the active or previous version)."""
+        old = self.candidates.pop(family, None)
+        if loaded is not None:
+            self.candidates[family] = loaded
+        keep = (self.active.get(family), self.previous.get(family), loaded)
+        if old is not None and all(old is not x for x in keep):
+            asyncio.get_running_loop().create_task(_close_when_idle(old))
 
     async def warmup(self, loaded: list[Loaded] | None = None) -> None:
         """Run every model through its batcher on dummy input (ORT's first runs are slow, and
@@ -258,7 +287,7 @@ class Core:
             log.info("deepserve ready: %d models warmed up", len(self.models))
 
     def shutdown(self) -> None:
-        for loaded in [*self.active.values(), *self.previous.values()]:
+        for loaded in [*self.active.values(), *self.previous.values(), *self.candidates.values()]:
             loaded.shutdown()
         for ex in self.executors.values():
             ex.shutdown(wait=True)
@@ -269,7 +298,7 @@ async def _close_when_idle(loaded: Loaded, timeout_s: float = 60.0) -> None:
     """Shut a version's batchers once nothing is queued or running on them."""
     deadline = asyncio.get_running_loop().time() + timeout_s
     while asyncio.get_running_loop().time() < deadline:
-        if all(not b.queue and not b.running_until for b in loaded.batchers.values()):
+        if all(b.idle() for b in loaded.batchers.values()):
             break
         await asyncio.sleep(0.1)
     loaded.shutdown()

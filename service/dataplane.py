@@ -11,10 +11,14 @@ belongs to the job: the batch thread runs it for every protocol alike.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from service import metrics, priority
+from service.batching import Overloaded
+from service.errors import ApiError, ClientGone, shown
 from service.httpkit import Response
 from service.runtime import Model
 from service.tasks import Job
@@ -28,11 +32,19 @@ async def infer(
     decode: Callable[[Model], Awaitable[Job]],
     encode: Callable[[Model, Job, Any], Response],
 ) -> Response:
-    """Resolve `name` at `version` (None: active), admit, then in a slot `decode(model)` and
-    batch the job; `encode(model, job, result)` makes the answer. NotServed, ApiError and
-    Overloaded propagate to the app's one error table."""
-    model, batcher = app.core.resolve(name, version)
-    batcher.admit(1)  # shed before decoding anything when the model's queue is already too long
+    """Resolve `name` at `version` (None: active, or the candidate for a canary client), admit
+    at the request's priority class, then in a slot `decode(model)` and batch the job;
+    `encode(model, job, result)` makes the answer; a rollout's shadow gets its mirror after.
+    NotServed, ApiError and Overloaded propagate to the app's one error table."""
+    core = app.core
+    cls = priority_of(req)
+    model, batcher = core.resolve(name, version)
+    rollouts, role = core.rollouts, "primary"
+    if rollouts.running and version is None and model.family in rollouts.running and rollouts.canary(model.family, req):
+        target = core.candidate(name)
+        if target is not None:
+            (model, batcher), role = target, "canary"
+    batcher.admit(1, cls=cls)  # shed before decoding anything when the model's queue is already too long
     async with app.work():
         job = await decode(model)
         if req.span is not None and req.span.is_recording():  # sampled: the batch span links back to it
@@ -43,10 +55,37 @@ async def infer(
                 "deepserve.rows": job.rows,
             }
         submitted = time.perf_counter()
-        result = await batcher.submit(job, job.rows, req.alive, submitted - req.start)
+        if model.family in rollouts.running:
+            try:
+                result = await batcher.submit(job, job.rows, req.alive, submitted - req.start, cls)
+            except (Overloaded, ClientGone, asyncio.CancelledError, TimeoutError):
+                raise
+            except Exception:
+                rollouts.observe(model.family, role, job, ok=False)
+                raise
+            rollouts.observe(model.family, role, job, ok=True)
+            if role == "primary" and version is None:
+                rollouts.mirror(model, decode, result)
+        else:
+            result = await batcher.submit(job, job.rows, req.alive, submitted - req.start, cls)
+    metrics.aggregate.observe("class_wait", (priority.CLASSES[cls],), job.queued_s)
     req.stage("queue", submitted, job.queued_s)
     req.stage("infer", submitted + job.queued_s, job.infer_s)
     started = time.perf_counter()
     resp = encode(model, job, result)
     req.stage("encode", started)
     return resp
+
+
+def priority_of(req) -> int:
+    """The request's priority class: header `X-Priority: interactive | batch` (default
+    interactive; `shadow` is deepserve's own)."""
+    value = req.header("x-priority")
+    if not value:
+        return priority.INTERACTIVE
+    cls = priority.CLIENT_CLASSES.get(value.strip().lower())
+    if cls is None:
+        raise ApiError(
+            400, f"X-Priority must be one of {sorted(priority.CLIENT_CLASSES)}, got {shown(value, 20)}", "bad_priority"
+        )
+    return cls

@@ -235,10 +235,51 @@ class ModelEntry(_Strict):
     versions: dict[str, VersionFiles] = Field(min_length=1)
 
 
+class RolloutPolicy(_Strict):
+    """When a rollout decides by itself (service.rollout): once `min_requests` requests were
+    compared (shadow) or served by the candidate (canary), it promotes the candidate if every
+    limit holds and rolls back otherwise."""
+
+    min_requests: int = Field(200, ge=1, le=10_000_000)
+    min_agreement: float = Field(0.95, ge=0.0, le=1.0)  # classifiers: share of rows with the same label
+    min_psnr_db: float = Field(20.0, ge=0.0, le=100.0)  # images out: mean PSNR between the versions' outputs
+    max_error_rate_increase: float = Field(0.01, ge=0.0, le=1.0)  # candidate's error rate minus the primary's
+    max_latency_ratio: float = Field(1.5, gt=0.0, le=100.0)  # candidate's compute per row over the primary's
+
+
+class Rollout(_Strict):
+    """A candidate version on live traffic: `shadow` of the family's requests mirrored to it,
+    `canary` of its clients (sticky by client key) served by it."""
+
+    id: str = Field(pattern=VERSION)
+    candidate: str = Field(pattern=VERSION)
+    shadow: float = Field(0.0, ge=0.0, le=1.0)
+    canary: float = Field(0.0, ge=0.0, le=1.0)
+    policy: RolloutPolicy | None = None  # None: an operator decides (promote / stop)
+    state: Literal["running", "promoted", "rolled_back", "stopped"] = "running"
+    started: float
+    decided: float | None = None
+    reason: str = ""
+    evidence: dict[str, Any] | None = None
+
+
 class FamilyEntry(_Strict):
     active: str = Field(pattern=VERSION)
     previous: str | None = None
+    candidate: str | None = Field(None, pattern=VERSION)  # loaded by every worker, not serving unless a rollout says
+    rollout: Rollout | None = None  # the running rollout, or the last one's decision
     models: list[str] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _rollout_has_candidate(self):
+        r = self.rollout
+        if r is not None and r.state == "running" and r.candidate != self.candidate:
+            raise ValueError(
+                f"rollout {r.id!r} runs candidate {r.candidate!r}, but the candidate is {self.candidate!r}"
+            )
+        if self.candidate is not None and self.candidate == self.active:
+            raise ValueError(f"candidate {self.candidate!r} is the active version")
+        return self
 
 
 class Manifest(_Strict):
@@ -263,7 +304,7 @@ class Manifest(_Strict):
             fam = self.families.get(entry.family)
             if fam is None or name not in fam.models:
                 raise ValueError(f"model {name!r}: family {entry.family!r} does not list it")
-            for v in (fam.active, fam.previous):
+            for v in (fam.active, fam.previous, fam.candidate):
                 if v is not None and v not in entry.versions:
                     raise ValueError(f"model {name!r}: family {entry.family!r} names version {v!r}, which it lacks")
         for fname, fam in self.families.items():

@@ -17,7 +17,7 @@ import threading
 from collections import defaultdict
 from types import SimpleNamespace
 
-from service import compat
+from service import compat, priority
 
 # CPU inference of these models takes 0.1–50 ms per batch; buckets resolve that range.
 SECONDS_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.0, 2.0, 5.0)
@@ -121,6 +121,72 @@ def get() -> SimpleNamespace:
         swaps=prom.Counter(
             "deepserve_model_swaps", "model version changes attempted, by family and outcome", ["family", "outcome"]
         ),
+        # priority classes (service.priority)
+        class_wait=prom.Histogram(
+            "deepserve_priority_wait_seconds",
+            "time a model request waited for its batch, by priority class",
+            ["class"],
+            buckets=SECONDS_BUCKETS,
+        ),
+        class_shed=prom.Counter(
+            "deepserve_priority_shed",
+            "model requests shed (503) or shadow requests dropped, by priority class",
+            ["class"],
+        ),
+        class_queued=prom.Gauge(
+            "deepserve_priority_queued",
+            "model requests queued for a batch, by priority class",
+            ["class", "worker"],
+            multiprocess_mode="livesum",
+        ),
+        # rollouts: shadow and canary (service.rollout)
+        rollout_requests=prom.Counter(
+            "deepserve_rollout_requests",
+            "requests of a family during a rollout, by role (primary: the active version's answers, canary: the "
+            "candidate's answers, shadow: mirrored to the candidate) and outcome (ok, error, dropped)",
+            ["family", "role", "outcome"],
+        ),
+        rollout_latency=prom.Histogram(
+            "deepserve_rollout_compute_seconds",
+            "model compute per request during a rollout (its share of its batch's ONNX time), by role",
+            ["family", "role"],
+            buckets=SECONDS_BUCKETS,
+        ),
+        shadow_rows=prom.Counter(
+            "deepserve_shadow_compared_rows",
+            "rows answered by both versions, by whether they agree (classifiers: the same label; images: PSNR at "
+            "least the policy's min_psnr_db)",
+            ["family", "agree"],
+        ),
+        shadow_confidence_delta=prom.Histogram(
+            "deepserve_shadow_confidence_delta",
+            "|candidate's top-1 probability - active version's| per compared row (classifiers)",
+            ["family"],
+            buckets=(0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0),
+        ),
+        shadow_ood_flips=prom.Counter(
+            "deepserve_shadow_ood_flips",
+            "compared rows whose in-distribution verdict differs between the versions (classifiers)",
+            ["family"],
+        ),
+        shadow_psnr=prom.Histogram(
+            "deepserve_shadow_psnr_db",
+            "PSNR between the versions' outputs for the same input and seed (generator, codec, denoiser)",
+            ["family"],
+            buckets=(5, 10, 15, 20, 25, 30, 35, 40, 50, 60, 100),
+        ),
+        rollout_agreement=prom.Gauge(
+            "deepserve_rollout_agreement",
+            "the running rollout's agreement so far (all workers: classifiers' label agreement, else the share of "
+            "rows at or over min_psnr_db); -1 before any comparison",
+            ["family"],
+            multiprocess_mode="mostrecent",
+        ),
+        rollout_decisions=prom.Counter(
+            "deepserve_rollout_decisions",
+            "rollouts ended, by family and decision (promoted, rolled_back, stopped) and by whom (policy, operator)",
+            ["family", "decision", "by"],
+        ),
     )
 
 
@@ -131,13 +197,19 @@ class Aggregator:
     confidence per answer) that cost about 5% of /classify's throughput on one core; a
     flush writes each bucket that changed once."""
 
-    BUCKETS = {"duration": REQUEST_BUCKETS, "stage": SECONDS_BUCKETS, "confidence": CONFIDENCE_BUCKETS}
+    BUCKETS = {
+        "duration": REQUEST_BUCKETS,
+        "stage": SECONDS_BUCKETS,
+        "confidence": CONFIDENCE_BUCKETS,
+        "class_wait": SECONDS_BUCKETS,
+    }
 
     def __init__(self):
         self.lock = threading.Lock()
         self.counters: dict[tuple, float] = defaultdict(float)
         self.histograms: dict[tuple, list] = {}
         self.pending: list[tuple[str, dict]] = []  # (endpoint, Server-Timing stages), bucketed at flush
+        self.gauges: list = []  # callables that set gauges, run at each flush
 
     def stages(self, endpoint: str, timings: dict[str, float]) -> None:
         """A request's stage timings, kept as they are until the flush (one append per request:
@@ -145,6 +217,8 @@ class Aggregator:
         self.pending.append((endpoint, timings))
 
     def inc(self, metric: str, labels: tuple, n: float = 1.0) -> None:
+        if priority.current() == priority.SHADOW:  # a mirrored request's trust metrics are not traffic
+            return
         with self.lock:
             self.counters[(metric, labels)] += n
 
@@ -160,6 +234,8 @@ class Aggregator:
 
     def observe_many(self, metric: str, labels: tuple, values: list[float]) -> None:
         """observe() for each value, under one lock (a batch's classifications)."""
+        if priority.current() == priority.SHADOW:
+            return
         bounds = self.BUCKETS[metric]
         where = [bisect.bisect_left(bounds, v) for v in values]
         with self.lock:
@@ -172,6 +248,8 @@ class Aggregator:
                 counts[i] += 1
 
     def flush(self) -> None:
+        for gauge in self.gauges:  # values read at flush time (queue depths)
+            gauge()
         pending, self.pending = self.pending, []
         for endpoint, timings in pending:
             for stage, seconds in timings.items():
@@ -190,6 +268,8 @@ aggregate = Aggregator()
 
 
 def observe_batch(model: str, rows: int, seconds: float) -> None:
+    if priority.current() == priority.SHADOW:  # the candidate's mirrored runs: deepserve_rollout_* only
+        return
     m = get()
     m.inference_seconds.labels(model).observe(seconds)
     m.batch_rows.labels(model).observe(rows)
@@ -197,6 +277,21 @@ def observe_batch(model: str, rows: int, seconds: float) -> None:
 
 def observe_requests(model: str, requests: int, rows: int, seconds: float) -> None:
     get().batch_requests.labels(model).observe(requests)
+
+
+def watch_gate(gate) -> None:
+    """deepserve_priority_queued from this worker's gate at every flush."""
+
+    def gauge() -> None:
+        queued = get().class_queued
+        for i, name in enumerate(priority.CLASSES):
+            queued.labels(name, worker_index()).set(gate.waiting[i])
+
+    aggregate.gauges.append(gauge)
+
+
+def priority_shed(model: str, cls: int) -> None:
+    get().class_shed.labels(priority.CLASSES[cls]).inc()
 
 
 def reject(endpoint: str, reason: str) -> None:

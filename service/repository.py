@@ -15,12 +15,25 @@ import fcntl
 import json
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from service.metadata import MANIFEST, Manifest, read_manifest
 
-__all__ = ["MANIFEST", "read", "raw", "update", "set_active", "register_version", "write_json_atomic"]
+__all__ = [
+    "MANIFEST",
+    "Conflict",
+    "decide_rollout",
+    "raw",
+    "read",
+    "register_version",
+    "set_active",
+    "set_candidate",
+    "start_rollout",
+    "update",
+    "write_json_atomic",
+]
 
 read = read_manifest  # typed, validated (MetadataError naming the field)
 EMPTY = {"format": 2, "defaults": {}, "families": {}, "models": {}}
@@ -74,7 +87,13 @@ def set_active(directory: Path, family: str, active: str, previous: str | None) 
     """A family's active and previous versions (the admin API's load and rollback)."""
 
     def change(data: dict) -> None:
-        data["families"][family]["active"], data["families"][family]["previous"] = active, previous
+        fam = data["families"][family]
+        fam["active"], fam["previous"] = active, previous
+        if fam.get("candidate") == active:  # the candidate loaded directly: its rollout is over
+            fam.pop("candidate")
+            rollout = fam.get("rollout")
+            if rollout and rollout["state"] == "running":
+                rollout.update(state="stopped", decided=time.time(), reason="the candidate was loaded directly")
 
     return update(directory, change)
 
@@ -98,5 +117,62 @@ def register_version(
                 "metadata": f"{family}/{version}/{name}.json",
                 "sha256": digest,
             }
+
+    return update(directory, change)
+
+
+class Conflict(ValueError):
+    """The manifest is not in the state a change expects (e.g. a rollout already decided)."""
+
+
+def set_candidate(directory: Path, family: str, version: str | None) -> Manifest:
+    """A family's candidate version (loaded by every worker, serving nothing by itself), or
+    none; dropping or replacing the candidate stops a running rollout of it."""
+
+    def change(data: dict) -> None:
+        fam = data["families"][family]
+        if version is not None and version == fam["active"]:
+            raise Conflict(f"{version} is already the active version of {family}")
+        rollout = fam.get("rollout")
+        if rollout and rollout["state"] == "running" and rollout["candidate"] != version:
+            rollout.update(state="stopped", decided=time.time(), reason="the candidate was dropped or replaced")
+        if version is None:
+            fam.pop("candidate", None)
+        else:
+            fam["candidate"] = version
+
+    return update(directory, change)
+
+
+def start_rollout(directory: Path, family: str, rollout: dict) -> Manifest:
+    """Start (or retune: same candidate, same id) the family's rollout of its candidate."""
+
+    def change(data: dict) -> None:
+        fam = data["families"][family]
+        if fam.get("candidate") != rollout["candidate"]:
+            raise Conflict(
+                f"{family} has no candidate {rollout['candidate']!r} loaded (load it as the candidate first)"
+            )
+        fam["rollout"] = rollout
+
+    return update(directory, change)
+
+
+def decide_rollout(
+    directory: Path, family: str, rollout_id: str, state: str, reason: str, evidence: dict | None = None
+) -> Manifest:
+    """End a running rollout, once: `promoted` makes the candidate active (the active version
+    becomes the previous one), `rolled_back` and `stopped` drop the candidate. Raises Conflict
+    when that rollout is not running any more (another worker or an operator decided first)."""
+
+    def change(data: dict) -> None:
+        fam = data["families"][family]
+        rollout = fam.get("rollout")
+        if not rollout or rollout["id"] != rollout_id or rollout["state"] != "running":
+            raise Conflict(f"rollout {rollout_id} of {family} is not running")
+        rollout.update(state=state, decided=time.time(), reason=reason, evidence=evidence)
+        if state == "promoted":
+            fam["previous"], fam["active"] = fam["active"], fam["candidate"]
+        fam.pop("candidate", None)
 
     return update(directory, change)

@@ -187,8 +187,16 @@ def model_handler(app, path: str, by_body: dict[str, Task]):
             body = Body(fields, files)
         name, version = model_asked(core, task, by_body, body.fields)
 
-        def decode(model):  # the coroutine itself: no extra frame per request
-            return task.parse(body, model, req)
+        if "seed" in task.fields:
+
+            async def decode(model):
+                job = await task.parse(body, model, req)
+                body.fields.setdefault("seed", job.info.get("seed"))  # a shadow of it draws the same latents
+                return job
+        else:
+
+            def decode(model):  # the coroutine itself: no extra frame per request
+                return task.parse(body, model, req)
 
         def encode(model, job, result) -> Response:
             return response(task.answer(model, job, result))

@@ -152,6 +152,28 @@ class Settings(BaseSettings):
         description="one log line per request (method, endpoint, status, milliseconds, request id); off: metrics count every request",
     )
 
+    priority_max_wait_ms: int = Field(
+        100,
+        ge=1,
+        le=60000,
+        description="a batch-class batch waits at most this long for interactive work before it runs anyway (no starvation; service/priority.py)",
+    )
+    priority_chunk_rows: int = Field(
+        64,
+        ge=1,
+        le=8192,
+        description="most rows in one batch-class or shadow batch: lower-class work reaches the CPU in short runs",
+    )
+    shadow_max_wait_ms: int = Field(
+        1000, ge=1, le=60000, description="a shadow request still queued after this is dropped (never run late)"
+    )
+    shadow_max_inflight: int = Field(
+        16, ge=1, le=1024, description="most shadow requests in flight per worker; past it a mirror is dropped"
+    )
+    rollout_check_s: float = Field(
+        1.0, gt=0, le=600, description="how often a worker saves its rollout tally and checks the rollout's policy"
+    )
+
     @model_validator(mode="after")
     def _keys_from_files(self):
         """Keys from mounted Secrets or the environment, stripped the same way as the key a

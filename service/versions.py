@@ -32,7 +32,7 @@ from pathlib import Path
 from service import metrics
 from service.core import Core, Loaded, load_family
 from service.metadata import MANIFEST, MetadataError, read_manifest
-from service.repository import write_json_atomic
+from service.repository import set_active, write_json_atomic
 from service.runtime import ModelLoadError
 
 log = logging.getLogger("deepserve")
@@ -57,7 +57,11 @@ class Follower:
         self.path = core.directory / MANIFEST
         self.stamp = self._stamp()
         self.state: dict[str, dict] = {}  # family -> {"state", "target", "error"}
-        self.candidates: dict[tuple[str, str], Loaded] = {}  # verified by this worker, not yet active
+        self.candidate_state: dict[str, dict] = {}  # family -> candidate being loaded or refused
+        self.verified: dict[tuple[str, str], Loaded] = {}  # verified by this worker, not yet active
+        self.rollouts = core.rollouts
+        self.rollouts.worker = worker_id()
+        self._last_check = 0.0
         self._lock = asyncio.Lock()
         self._last_write = 0.0
         self._task: asyncio.Task | None = None
@@ -74,6 +78,10 @@ class Follower:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="deepserve-follow-manifest")
 
     async def _run(self) -> None:
+        try:
+            await self.sync()  # a candidate and a running rollout too (a worker restarted mid-rollout)
+        except Exception:
+            log.exception("following the manifest failed; serving what is loaded")
         while True:
             await asyncio.sleep(self.poll_s)
             try:
@@ -83,6 +91,9 @@ class Follower:
                     await self.sync()
                 if time.monotonic() - self._last_write >= HEARTBEAT_S:
                     self.write_status()
+                if self.rollouts.running and time.monotonic() - self._last_check >= self.core.settings.rollout_check_s:
+                    self._last_check = time.monotonic()
+                    await self.rollouts.check(self)
             except asyncio.CancelledError:
                 raise
             except Exception:  # never let the follower die: the service must keep serving
@@ -101,17 +112,41 @@ class Follower:
                 loaded = self.core.active.get(family)
                 if loaded is not None and loaded.version == entry.active:
                     self.state.pop(family, None)
-                    continue
-                await self.switch(family, entry.active)
+                else:
+                    await self.switch(family, entry.active)
+                await self.hold_candidate(family, entry.candidate)
+            self.rollouts.sync(manifest)
             self.write_status()
+
+    async def hold_candidate(self, family: str, version: str | None) -> None:
+        """Load (verified, warmed up) or drop the family's candidate as the manifest says."""
+        held = self.core.candidates.get(family)
+        if version is None:
+            self.candidate_state.pop(family, None)
+            if held is not None:
+                self.core.set_candidate(None, family)
+            return
+        if held is not None and held.version == version:
+            return
+        self.candidate_state[family] = {"candidate": version, "candidate_state": "loading", "candidate_error": None}
+        try:
+            loaded = await self.verify(family, version)
+        except (ModelLoadError, MetadataError, OSError, ValueError) as exc:
+            self.candidate_state[family].update(candidate_state="failed", candidate_error=str(exc)[:500])
+            log.error("family %s candidate %s refused: %s", family, version, exc)
+            return
+        self.verified.pop((family, version), None)
+        self.core.set_candidate(loaded, family)
+        self.candidate_state.pop(family, None)
+        log.info("family %s holds candidate %s", family, version)
 
     async def verify(self, family: str, version: str) -> Loaded:
         """Load and check a family version (in a thread), serve it from batchers of its own
         and warm it up; not yet active. Raises ModelLoadError with the reason."""
         key = (family, version)
-        if key in self.candidates:
-            return self.candidates[key]
-        for loaded in (self.core.active.get(family), self.core.previous.get(family)):
+        if key in self.verified:
+            return self.verified[key]
+        for loaded in (self.core.active.get(family), self.core.previous.get(family), self.core.candidates.get(family)):
             if loaded is not None and loaded.version == version:
                 return loaded
         core = self.core
@@ -123,7 +158,7 @@ class Follower:
         )
         core.serve(loaded)
         await core.warmup([loaded])
-        self.candidates[key] = loaded
+        self.verified[key] = loaded
         return loaded
 
     async def switch(self, family: str, version: str) -> None:
@@ -135,10 +170,28 @@ class Follower:
             self.state[family] = {"state": "failed", "target": version, "error": str(exc)[:500]}
             log.error("family %s version %s refused: %s", family, version, exc)
             return
-        self.candidates.pop((family, version), None)
+        self.verified.pop((family, version), None)
         self.core.activate(loaded)
         self.state.pop(family, None)
         log.info("family %s now serves version %s", family, version)
+
+    async def confirm(self, family: str, version: str, fallback: tuple[str, str | None]) -> str:
+        """After a promotion: wait until every live worker serves `version`; if one refuses it
+        (or the swap timeout passes), put `fallback` (active, previous) back. The outcome."""
+        deadline = time.monotonic() + self.core.settings.swap_timeout_s
+        outcome = "timeout"
+        while time.monotonic() < deadline:
+            now = [s["families"].get(family, {}) for s in worker_states(self.core.directory)]
+            if any(s.get("state") == "failed" and s.get("target") == version for s in now):
+                outcome = "failed"
+                break
+            if now and all(s.get("active") == version and s.get("state") == "serving" for s in now):
+                return "ok"
+            await asyncio.sleep(0.1)
+        await asyncio.to_thread(set_active, self.core.directory, family, *fallback)
+        await self.sync()
+        log.error("promotion of %s %s %s on a worker: back on %s", family, version, outcome, fallback[0])
+        return outcome
 
     def write_status(self) -> None:
         core = self.core
@@ -153,6 +206,10 @@ class Follower:
                 "error": None,
             }
             entry.update(self.state.get(family, {}))
+            held = core.candidates.get(family)
+            entry.update(candidate=held.version if held else None, candidate_state="serving" if held else None)
+            entry["candidate_error"] = None
+            entry.update(self.candidate_state.get(family, {}))
             families[family] = entry
         payload = {"worker": worker_id(), "pid": os.getpid(), "heartbeat": time.time(), "families": families}
         folder = status_dir(core.directory)

@@ -1,0 +1,103 @@
+"""Priority classes across the whole worker: background work never slows a client.
+
+Three classes, highest first:
+
+    interactive  every request by default
+    batch        a client's bulk work: header `X-Priority: batch` (or `interactive`)
+    shadow       deepserve's own mirrored requests to a candidate version (service.rollout)
+
+Each model has its own batcher and ONNX Runtime thread, so models compete for the CPU, not
+for a queue. The rules, in the order a request meets them:
+
+1. Admission (service.batching): a request's predicted wait counts only the work queued at
+   its own class or above. When an interactive or batch request would be shed, the batcher
+   first sheds queued requests of lower classes (shadow, then batch: 503 with Retry-After,
+   counted by class), and only then the request itself. Shadow work is admitted only while
+   nothing of a higher class waits anywhere in the worker (spare capacity); otherwise it is
+   dropped, never queued.
+2. Batches hold one class; a batcher takes its highest waiting class first.
+3. The gate (this module), before every batch: an interactive batch starts at once; a
+   lower-class batch waits while any higher-class job is queued or running anywhere in this
+   worker, and holds at most `priority_chunk_rows` rows (at least one request), so lower-class
+   work reaches the CPU in short runs and a waiting client is behind one of them at most.
+   While it waits, a higher-class job that reaches the same batcher goes first.
+4. No starvation: a lower-class batch that has waited `priority_max_wait_ms` at the head of
+   its queue starts anyway (one batch; the next one waits again). So batch-class work always
+   progresses at least one batch per max wait, however busy the interactive class is; a
+   shadow job still queued after `shadow_max_wait_ms` is dropped instead (optional work).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Iterator
+
+CLASSES = ("interactive", "batch", "shadow")
+INTERACTIVE, BATCH, SHADOW = 0, 1, 2
+CLIENT_CLASSES = {"interactive": INTERACTIVE, "batch": BATCH}  # what a client may ask for
+
+_local = threading.local()
+
+
+def current() -> int:
+    """The class of the batch this thread is running (interactive outside a batch)."""
+    return getattr(_local, "cls", INTERACTIVE)
+
+
+@contextlib.contextmanager
+def running_as(cls: int) -> Iterator[None]:
+    """Mark this (batch) thread as running work of class `cls`."""
+    before = current()
+    _local.cls = cls
+    try:
+        yield
+    finally:
+        _local.cls = before
+
+
+class Gate:
+    """One per worker, on its event loop: counts the jobs of each class that are queued or
+    running, and tells a batcher whether a lower-class batch may start now."""
+
+    def __init__(self, max_wait_s: float, chunk_rows: int, shadow_max_wait_s: float):
+        self.max_wait_s, self.chunk_rows, self.shadow_max_wait_s = max_wait_s, chunk_rows, shadow_max_wait_s
+        self.demand = [0] * len(CLASSES)  # jobs queued or running, per class
+        self.waiting = [0] * len(CLASSES)  # jobs queued, not yet in a batch, per class
+        self.aged = [0] * len(CLASSES)  # lower-class batches that went ahead after max_wait_s
+        self._changed = asyncio.Event()
+
+    def queued(self, cls: int, n: int = 1) -> None:
+        self.demand[cls] += n
+        self.waiting[cls] += n
+
+    def started(self, cls: int, n: int = 1) -> None:
+        """Jobs left the queue for a batch (they count as demand until finished)."""
+        self.waiting[cls] -= n
+
+    def finished(self, cls: int, n: int = 1, *, queued: bool = False) -> None:
+        """Jobs are done (`queued`: they never left the queue: skipped, shed, dropped)."""
+        self.demand[cls] -= n
+        if queued:
+            self.waiting[cls] -= n
+        if cls < SHADOW and not any(self.demand[: cls + 1]):
+            self._changed.set()  # lower-class batches may go now
+            self._changed = asyncio.Event()
+
+    def spare(self) -> bool:
+        """Nothing of a higher class than shadow waits for a batch anywhere in the worker."""
+        return not (self.waiting[INTERACTIVE] or self.waiting[BATCH])
+
+    def blocks(self, cls: int) -> bool:
+        return cls > INTERACTIVE and any(self.demand[:cls])
+
+    def changed(self) -> asyncio.Event:
+        """Set the next time higher-class demand drops to zero."""
+        return self._changed
+
+    def snapshot(self) -> dict:
+        return {
+            c: {"queued_or_running": self.demand[i], "queued": self.waiting[i], "aged_batches": self.aged[i]}
+            for i, c in enumerate(CLASSES)
+        }
