@@ -37,7 +37,15 @@ def test_probes_metrics_and_the_http_contract(container, models):
     assert re.search(r'^deepserve_model_info\{.*model="digits"', metrics, re.M), metrics[:2000]
 
 
-def test_runs_as_bentoml_on_a_read_only_root_where_only_tmp_is_writable(container):
+def test_runs_as_bentoml_on_a_read_only_root_where_only_tmp_is_writable(container, image):
+    """What deploy/k8s assumes of the image (tests/deploy/test_k8s.py checks the manifests say
+    the same): BentoML's user 1034, port 3000, the Bento at BENTO_PATH with its models in
+    src/exported (the init container's seed), BENTOML_HOME on /tmp."""
+    config = json.loads(docker("inspect", image).stdout)[0]["Config"]
+    env = dict(e.split("=", 1) for e in config["Env"])
+    assert config["User"] == "bentoml" and "3000/tcp" in config["ExposedPorts"], config
+    assert env["BENTO_PATH"] == BENTO and env["BENTOML_HOME"] == "/tmp/bentoml", env
+    assert container.exec("test", "-f", f"{BENTO}/src/exported/manifest.json").returncode == 0
     assert container.inspect()["HostConfig"]["ReadonlyRootfs"] is True
     assert container.exec("id", "-u").stdout.strip() == str(UID)
     assert container.exec("sh", "-c", "echo $BENTOML_HOME").stdout.strip() == "/tmp/bentoml"

@@ -56,6 +56,7 @@ class Stack:
         self.name = f"dstest{uuid.uuid4().hex[:6]}"
         self.service = f"{self.name}_deepserve"
         self.url = f"http://127.0.0.1:{port}"
+        self.images: list[str] = []  # made by the tests, removed with the stack
         self.env = {
             **os.environ,
             "DEEPSERVE_IMAGE": image,
@@ -82,6 +83,8 @@ class Stack:
             60,
             "the stack's network was not removed",
         )
+        for image in self.images:
+            docker("rmi", image, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +146,7 @@ def test_a_rolling_update_to_a_new_image_under_steady_load_fails_no_request(stac
         timeout=120,
     )
     assert build.returncode == 0, build.stderr
+    stack.images.append(new)
     before = {t["ID"] for t in tasks(stack.service)}
 
     def update():
@@ -150,13 +154,10 @@ def test_a_rolling_update_to_a_new_image_under_steady_load_fails_no_request(stac
         assert "rollback" not in out.stdout + out.stderr, out.stdout[-2000:]
 
     outcomes = under_load(stack, update)
-    try:
-        after = tasks(stack.service)
-        assert {t["Image"] for t in after} == {new}, after
-        assert not before & {t["ID"] for t in after}, "no task was replaced"
-        assert outcomes[200] > 40 and set(outcomes) == {200}, f"failed during the rolling update: {dict(outcomes)}"
-    finally:
-        docker("rmi", new, check=False)
+    after = tasks(stack.service)
+    assert {t["Image"] for t in after} == {new}, after
+    assert not before & {t["ID"] for t in after}, "no task was replaced"
+    assert outcomes[200] > 40 and set(outcomes) == {200}, f"failed during the rolling update: {dict(outcomes)}"
 
 
 def test_a_replica_killed_with_sigkill_is_replaced_and_no_request_is_lost(stack):

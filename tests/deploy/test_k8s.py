@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import kubernetes_validate
 import pytest
@@ -125,3 +126,60 @@ def test_service_monitor_selects_the_service():
     assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
     assert {e["port"] for e in sm["spec"]["endpoints"]} <= {p["name"] for p in svc["spec"]["ports"]}
     assert all(e["path"] == "/metrics" for e in sm["spec"]["endpoints"])
+
+
+BENTOFILES = {"deepserve": REPO / "bentofile.yaml", "deepserve-gpu": REPO / "deploy" / "bentofile-gpu.yaml"}
+
+
+@pytest.mark.parametrize("name", ["deepserve", "deepserve-gpu"])
+def test_k8s_runs_the_image_the_way_the_container_tests_ran_it(name):
+    """No drift between deploy/k8s and the image tests/container starts: the tag make image
+    gives, BentoML's user and port, the probes, the env names, the Bento's paths, a read-only
+    root with /tmp writable, the models on a volume at DEEPSERVE_EXPORTED_DIR."""
+    from bentoml._internal.container.generate import BENTO_PATH, BENTO_UID_GID
+
+    from service.settings import Settings
+    from tests.container import conftest as containers
+
+    spec = DOCS[f"Deployment/{name}"]["spec"]["template"]["spec"]
+    c, seed = container(name), spec["initContainers"][0]
+    bento = yaml.safe_load(BENTOFILES[name].read_text())
+    assert c["image"] == seed["image"] == f"{bento['name']}:latest"  # deploy/image/build.sh tags <name>:latest
+    assert spec["securityContext"]["runAsUser"] == spec["securityContext"]["fsGroup"] == BENTO_UID_GID == containers.UID
+    assert [p["containerPort"] for p in c["ports"]] == [3000]  # BentoML's port, what the tests publish
+    assert (c["readinessProbe"]["httpGet"]["path"], c["livenessProbe"]["httpGet"]["path"]) == ("/readyz", "/livez")
+    names = {e["name"] for e in c["env"]}
+    settings = {f"DEEPSERVE_{field.upper()}" for field in Settings.model_fields}
+    ours = {n for n in names if n.startswith("DEEPSERVE_")}
+    assert ours <= settings, f"not a setting: {ours - settings}"
+    assert names - ours <= {e["name"] for e in bento["envs"]}, names - ours  # the image's own (bentofile)
+    assert "BENTOML_HOME" not in names  # the image's: /tmp/bentoml (bentofile), the tests check it there
+    assert {"name": "BENTOML_HOME", "value": "/tmp/bentoml"} in bento["envs"]
+    # the seed copies the Bento's models (the tests seed their volume with this very command)
+    assert seed["command"] == containers.k8s_seed_command() or name != "deepserve"
+    assert f"{BENTO_PATH}/src/exported/. /models/" in seed["command"][-1]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    assert env["DEEPSERVE_EXPORTED_DIR"] == "/models" and mounts["/models"] == "models"
+    # read-only root, /tmp writable (an emptyDir in memory: the tests' --tmpfs /tmp)
+    assert (
+        c["securityContext"]["readOnlyRootFilesystem"] is True
+        and c["securityContext"]["allowPrivilegeEscalation"] is False
+    )
+    tmp = next(v for v in spec["volumes"] if v["name"] == mounts["/tmp"])
+    assert tmp["emptyDir"]["medium"] == "Memory"
+
+
+def test_the_runbooks_image_paths_are_the_images():
+    """Every path into the image that the docs and manifests name is under the Bento's path and
+    exists in the Bento (src/ is this checkout's included files)."""
+    from bentoml._internal.container.generate import BENTO_PATH
+
+    texts = [REPO / "docs" / "operations.md", *sorted((REPO / "deploy").rglob("*.yaml"))]
+    found = set()
+    for path in texts:
+        found |= set(re.findall(r"/home/bentoml/[\w./-]*\w", path.read_text()))
+    assert found, "no image path named anywhere"
+    for p in sorted(found):
+        assert p.startswith(f"{BENTO_PATH}/src/"), p
+        assert (REPO / p.removeprefix(f"{BENTO_PATH}/src/")).exists(), p
