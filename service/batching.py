@@ -127,9 +127,11 @@ class Batcher:
             if not self.gate.spare() or any(self.queues):
                 raise Overloaded(f"{self.name}: no spare capacity for shadow work")
             return
-        while any(self.queues[: cls + 1]) and spent_s + self.predicted_wait(rows, cls) > self.max_latency_s:
-            if not self._shed_lower(cls):
-                raise Overloaded(f"{self.name} is overloaded: the request would wait too long")
+        if any(self.queues[: cls + 1]) and spent_s + self.predicted_wait(rows, cls) > self.max_latency_s:
+            raise Overloaded(f"{self.name} is overloaded: the request would wait too long")
+        # the whole queue past the limit: lower classes make room, lowest and newest first
+        while spent_s + self.predicted_wait(rows, priority.SHADOW) > self.max_latency_s and self._shed_lower(cls):
+            pass
 
     def _shed_lower(self, cls: int) -> bool:
         """Shed the newest queued request of the lowest class below `cls`; False if none."""
@@ -298,6 +300,7 @@ class Batcher:
     def shutdown(self) -> None:
         if self._loop_task is not None:
             self._loop_task.cancel()
+            self._loop_task = None
         for cls, q in enumerate(self.queues):
             while q:
                 p = q.popleft()

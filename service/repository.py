@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from service.metadata import MANIFEST, Manifest, read_manifest
+from service.metadata import MANIFEST, Manifest, Rollout, read_manifest
 
 __all__ = [
     "MANIFEST",
@@ -146,6 +146,7 @@ def set_candidate(directory: Path, family: str, version: str | None) -> Manifest
 
 def start_rollout(directory: Path, family: str, rollout: dict) -> Manifest:
     """Start (or retune: same candidate, same id) the family's rollout of its candidate."""
+    rollout = Rollout.model_validate(rollout).model_dump(exclude_none=True)  # defaults written out
 
     def change(data: dict) -> None:
         fam = data["families"][family]
