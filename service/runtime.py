@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from service.gpu import cuda_unavailable_reason
 from service.metadata import Metadata, MetadataError, VersionFiles, read_metadata
 
 log = logging.getLogger("deepserve")
@@ -75,8 +76,6 @@ def device_problem(device: str) -> str | None:
         providers_for(device)
     except ModelLoadError as exc:
         return str(exc)
-    from service.gpu import cuda_unavailable_reason
-
     reason = cuda_unavailable_reason()
     return f"DEEPSERVE_DEVICE=cuda but CUDA cannot load: {reason}" if reason else None
 
@@ -85,8 +84,6 @@ def device_problem(device: str) -> str | None:
 def cuda_reason() -> str:
     """Why CUDA is not used, in one line (the library that failed to load, where known)."""
     try:
-        from service.gpu import cuda_unavailable_reason
-
         return cuda_unavailable_reason() or "CUDA provider did not load"
     except ImportError:
         return "onnxruntime has no CUDA provider" if CUDA not in ort.get_available_providers() else "unknown"

@@ -18,6 +18,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from service.compat import tracer_provider
+
 TRACER: Any = None  # opentelemetry Tracer, set once per worker by `setup()` when tracing is on
 STAGES = ("read", "decode", "queue", "infer", "encode")
 
@@ -25,8 +27,6 @@ STAGES = ("read", "decode", "queue", "infer", "encode")
 def setup() -> bool:
     """Take BentoML's tracer provider for this worker if tracing is configured."""
     global TRACER
-    from service.compat import tracer_provider
-
     provider = tracer_provider()
     TRACER = provider.get_tracer("deepserve") if provider is not None else None
     return TRACER is not None
@@ -39,7 +39,7 @@ def now_ns(perf: float) -> int:
 
 def start_request(req) -> Any:
     """The request's SERVER span, started at its arrival, child of the client's traceparent."""
-    from opentelemetry import trace
+    from opentelemetry import trace  # on use: a worker without tracing never imports the SDK
     from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, TraceFlags
 
     parent = None
@@ -54,7 +54,7 @@ def start_request(req) -> Any:
 
 def end_request(req, status: int) -> None:
     """Name the span after its route, add what the request was, its stages as child spans."""
-    from opentelemetry import trace
+    from opentelemetry import trace  # on use (see start_request)
     from opentelemetry.trace import Status, StatusCode
 
     span = req.span
@@ -82,7 +82,7 @@ def end_request(req, status: int) -> None:
 
 def batch(model: str, jobs: list, rows: int, start_perf: float, seconds: float) -> None:
     """One executed batch as a span linked to every request span it served."""
-    from opentelemetry.trace import Link
+    from opentelemetry.trace import Link  # on use (see start_request)
 
     spans = [getattr(job, "info", {}).get("span") for job in jobs]
     links = [Link(span.get_span_context()) for span in spans if span is not None and span.is_recording()]
