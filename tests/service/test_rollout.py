@@ -271,3 +271,43 @@ def test_a_candidate_that_disagrees_on_photographed_digits_is_rolled_back(server
     assert 'deepserve_rollout_decisions_total{by="policy",decision="rolled_back",family="digits"}' in metrics
     assert 'deepserve_shadow_compared_rows_total{agree="false",family="digits"}' in metrics
     del labels
+
+
+def test_a_worker_killed_mid_rollout_comes_back_and_the_tally_loses_nothing(server, model_dir, photos):
+    import os
+    import signal
+
+    reset(server, model_dir)
+    assert admin(server, "POST", "candidate", json={"version": TWIN}).status_code == 200
+    assert admin(server, "POST", "rollout", json={"shadow": 1.0}).status_code == 200  # no policy: it keeps running
+
+    def evidence() -> float:
+        live = status(server)["families"]["digits"]["rollout"].get("live") or {}
+        return live.get("summary", {}).get("evidence_requests", 0)
+
+    traffic = Clients(server.url, [SEVEN, *photos[:8]], clients=4)
+    traffic.start()
+    try:
+        wait_until(lambda: evidence() >= 30, 60, "no shadow evidence")
+        time.sleep(1.0)  # both workers have saved their tallies (DEEPSERVE_ROLLOUT_CHECK_S=0.3)
+        victim = status(server)["workers"][0]
+        before = evidence()
+        os.kill(victim["pid"], signal.SIGKILL)
+        wait_until(
+            lambda: any(
+                w["worker"] == victim["worker"] and w["pid"] != victim["pid"] for w in status(server)["workers"]
+            ),
+            90,
+            "the killed worker was not replaced",
+        )
+        seen = []
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (not seen or seen[-1] < before + 30):
+            seen.append(evidence())
+            time.sleep(0.3)
+    finally:
+        traffic.finish()
+    assert min(seen) >= before, (before, seen)  # the dead worker's tally still counts
+    assert seen[-1] >= before + 30, (before, seen)  # and the new one adds to it
+    r = admin(server, "DELETE", "rollout")
+    assert r.status_code == 200 and r.json()["state"] == "rolled_back"
