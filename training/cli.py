@@ -11,7 +11,11 @@ import argparse
 import dataclasses
 import sys
 
+from training import common
+from training.data import DataError, resolve_data_dir
+from training.export import export_family
 from training.families import FAMILIES
+from training.trust import finisher
 
 _HELP = {
     "dry_run": "one batch per step, one epoch, scratch output dir (a smoke test)",
@@ -54,10 +58,6 @@ def parse(argv: list[str]):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from training import common
-    from training.data import DataError
-    from training.export import export_family
-
     family, cfg, inactive = parse(sys.argv[1:] if argv is None else argv)
     try:
         trained = family.train(cfg)
@@ -67,9 +67,6 @@ def main(argv: list[str] | None = None) -> int:
     out_dir, img_dir = common.out_dirs(cfg)
     finish = None
     if family.trust:  # calibration and out-of-distribution detection, fitted on the validation split
-        from training.data import resolve_data_dir
-        from training.trust import finisher
-
         finish = finisher(resolve_data_dir(cfg.data_dir), limit=2000 if cfg.dry_run else None)
     version = export_family(family.name, trained.parts, out_dir, trained.training, activate=not inactive, finish=finish)
     common.plot_curves(trained.history, img_dir / f"{family.name}_curves.png", f"{family.name}: training")

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from training.families import command_for
+
 REPO = Path(__file__).resolve().parent.parent
 EXPORTED = REPO / "exported"
 IMG_DIR = REPO / "docs" / "img"
@@ -78,8 +80,6 @@ def out_dirs(cfg) -> tuple[Path, Path]:
 
 def training_command(family: str, cfg) -> str:
     """The command line that reproduces this run (non-default flags only)."""
-    from training.families import command_for
-
     return command_for(family, cfg)
 
 

@@ -27,8 +27,11 @@ from service import preprocessing as pp
 from service import tasks
 from service.core import load_family
 from service.metadata import read_manifest
-from training import common, data
+from service.runtime import sha256_file
+from training import common, data, ood_sets, wild, wild_eval
+from training import ood_metrics as metrics
 from training.families import FAMILIES, check_bars
+from training.model_card import write_model_card
 
 
 def _plt():
@@ -49,8 +52,7 @@ def save_grid(images: np.ndarray, path: Path, cols: int, scale: int = 3) -> None
 
 def eval_classifier(name: str, ctx: dict) -> dict:
     model = ctx["load"](name)
-    dataset = "mnist" if name == "digits" else "fashion"
-    images, labels = data.load_images(dataset, "test", ctx["data_dir"])
+    images, labels = data.load_images(FAMILIES[model.family].dataset, "test", ctx["data_dir"])
     images, labels = images[: ctx["limit"]], labels[: ctx["limit"]]
     probs = tasks.run_in_chunks(lambda x: tasks.classify_images(model, x), pp.scale_pixels(images))
     pred = probs.argmax(1)
@@ -72,17 +74,16 @@ def eval_classifier(name: str, ctx: dict) -> dict:
 
 def eval_image_trust(name: str, model, x: np.ndarray, labels: np.ndarray, ctx: dict) -> dict:
     """Calibration (ECE before/after, reliability diagram) and the out-of-distribution table
-    (AUROC and false accepts at the model's threshold), from the exported ONNX file."""
-    from training import ood
-
+    (AUROC and false accepts at the model's threshold), printed glyphs of held-out fonts and
+    characters (training.ood_sets) for a family fitted on glyphs, from the exported ONNX file."""
     out = {}
     run = lambda imgs: tasks.run_in_chunks(lambda b: _outputs_rows(model, b), imgs)
     res = run(x)
     if model.meta.calibration is not None:
         logits = res[:, :-1] if model.meta.ood else res
         before, after = pp.softmax(logits), tasks.calibrated(model, logits)
-        out["ece_test_before"], out["ece_test"] = ood.ece(before, labels), ood.ece(after, labels)
-        ood.reliability_diagram(
+        out["ece_test_before"], out["ece_test"] = metrics.ece(before, labels), metrics.ece(after, labels)
+        metrics.reliability_diagram(
             before,
             after,
             labels,
@@ -92,13 +93,29 @@ def eval_image_trust(name: str, model, x: np.ndarray, labels: np.ndarray, ctx: d
     if model.meta.ood is not None:
         threshold = model.meta.ood.threshold
         scores = {"test": res[:, -1]}
-        for key, imgs in ood.ood_sets(name, ctx["data_dir"]).items():
+        for key, imgs in ood_sets.ood_sets(name, ctx["data_dir"]).items():
             scores[key] = run(imgs[: ctx["limit"]])[:, -1]
         for key, v in scores.items():
             if key != "test":
-                out[f"auroc_{key}"] = ood.auroc(scores["test"], v)
-                out[f"false_accept_rate_{key}"] = ood.false_accept_rate(v, threshold)
-        out["false_reject_rate_test"] = ood.false_reject_rate(scores["test"], threshold)
+                out[f"auroc_{key}"] = metrics.auroc(scores["test"], v)
+                out[f"false_accept_rate_{key}"] = metrics.false_accept_rate(v, threshold)
+        out["false_reject_rate_test"] = metrics.false_reject_rate(scores["test"], threshold)
+        if FAMILIES[model.family].trust.glyphs:
+            glyphs = ood_sets.glyph_sets(model.meta.preprocessing, cache=ood_sets.glyph_cache())
+            held = {k: v for k, v in glyphs.items() if k != "fit"}
+            for key, imgs in held.items():
+                out[f"glyphs_{key}_flagged"] = float(np.mean(run(imgs[: ctx["limit"]])[:, -1] > threshold))
+            out["glyphs_held_out_flagged"] = min(out[f"glyphs_{k}_flagged"] for k in held)
+            old = ctx.get("replaced", {}).get(name)
+            if old is not None:  # the same glyphs through the version this one replaced
+                old_run = lambda imgs: tasks.run_in_chunks(lambda b: _outputs_rows(old, b), imgs)[:, -1]
+                letters = wild_eval.outlier_suites(name, ctx["data_dir"], min(ctx["limit"] or 1000, 1000))
+                seen = wild_eval.served_inputs(old, letters["letters_symbols"])
+                out["glyphs_replaced"] = {
+                    "version": old.version,
+                    "letters_symbols": float(np.mean(old_run(seen) > old.meta.ood.threshold)),
+                    **{k: float(np.mean(old_run(v[: ctx["limit"]]) > old.meta.ood.threshold)) for k, v in held.items()},
+                }
     return out
 
 
@@ -106,11 +123,11 @@ def eval_wild(name: str, model, ctx: dict) -> dict:
     """The wild suites (training.wild_eval) through the served preprocessing: this version, the
     previous one as it served them (its own rule), and the previous one with this framing (what
     framing alone gives); the most confident mistakes as the model saw them in a picture."""
-    from training import wild_eval
-
     n = min(ctx["limit"] or 1000, 1000)
     now, seen = wild_eval.evaluate(model, name, ctx["data_dir"], n, keep=True)
     out = {"wild": now}
+    if "letters_symbols" in now:
+        out["wild_letters_symbols_flagged"] = now["letters_symbols"]["flagged"]
     previous = ctx.get("previous", {}).get(name)
     if previous is not None:
         out["wild_previous"] = {"version": previous.version, **wild_eval.evaluate(previous, name, ctx["data_dir"], n)}
@@ -159,11 +176,9 @@ def eval_sentiment(name: str, ctx: dict) -> dict:
     pred = logits.argmax(1)
     trust = {}
     if model.meta.calibration is not None:
-        from training import ood
-
         before, after = pp.softmax(logits), tasks.calibrated(model, logits)
-        trust = {"ece_dev_before": ood.ece(before, labels), "ece_dev": ood.ece(after, labels)}
-        ood.reliability_diagram(
+        trust = {"ece_dev_before": metrics.ece(before, labels), "ece_dev": metrics.ece(after, labels)}
+        metrics.reliability_diagram(
             before,
             after,
             labels,
@@ -187,8 +202,6 @@ def eval_text_wild(model, dev: list[str], dev_labels: np.ndarray) -> dict:
     """Text as people write it (training.wild): SST-2 dev rewritten with capitals, joined
     contractions, "!!!", elongated words, entities, URLs and emoji, and hand-written reviews
     (training/wild_reviews.tsv); accuracy with the normalizing tokenizer and without it."""
-    from training import wild
-
     reviews, review_labels = wild.wild_reviews()
     sets = {"sst2_dev_as_people_write": (wild.people_texts(dev), dev_labels), "wild_reviews": (reviews, review_labels)}
     out = {}
@@ -347,15 +360,7 @@ def plot_denoise_bars(table: dict, path: Path) -> None:
     plt.close(fig)
 
 
-EVALUATORS = {
-    "digits": eval_classifier,
-    "fashion": eval_classifier,
-    "sentiment": eval_sentiment,
-    "generator": eval_generator,
-    "codec": eval_codec,
-    "denoiser": eval_denoiser,
-}
-assert set(EVALUATORS) == set(FAMILIES), "every family needs an evaluator"
+EVALUATORS = {name: globals()[family.evaluator] for name, family in FAMILIES.items()}  # as declared
 SMOKE_ROWS = 8
 
 
@@ -363,8 +368,7 @@ def smoke_feeds(model, ctx: dict) -> dict[str, np.ndarray]:
     """Real inputs for a model's smoke set, in its ONNX input space."""
     task = model.task
     if task in ("image-classification", "image-compression-encoder", "image-denoising"):
-        dataset = "fashion" if model.name == "fashion" else "mnist"
-        x = pp.scale_pixels(data.load_images(dataset, "test", ctx["data_dir"])[0][:SMOKE_ROWS])
+        x = pp.scale_pixels(data.load_images(FAMILIES[model.family].dataset, "test", ctx["data_dir"])[0][:SMOKE_ROWS])
         if task == "image-classification":
             pre = model.meta.preprocessing
             return {"image": pp.normalize(x, pre.mean, pre.std)[:, None]}
@@ -397,9 +401,19 @@ def write_smoke(model, directory: Path, ctx: dict) -> dict:
     path = directory / f"{model.name}.smoke.npz"
     with open(path, "wb") as f:
         np.savez(f, **arrays)
-    from service.runtime import sha256_file
-
     return {"file": path.name, "sha256": sha256_file(path), "atol": 1e-3}
+
+
+def before_framing(exported: Path, manifest, family: str) -> str | None:
+    """The wild suites' "before" of a classifier family: the newest version whose framing
+    differs from the active one's (what users got before framing), else the previous one."""
+    fam, name = manifest.families[family], FAMILIES[family].models[0]
+    framing = lambda v: json.loads((exported / manifest.models[name].versions[v].metadata).read_text())[
+        "preprocessing"
+    ].get("framing", "none")
+    versions = list(manifest.models[name].versions)
+    older = [v for v in versions[: versions.index(fam.active)] if framing(v) != framing(fam.active)]
+    return older[-1] if older else fam.previous
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -426,10 +440,14 @@ def main(argv: list[str] | None = None) -> int:
     judge = lambda: load_family(exported, manifest, "digits", manifest.families["digits"].active, "cpu", 2).models[
         "digits"
     ]
-    previous = {  # the wild suites' "before": the version each classifier replaced
-        f: load_family(exported, manifest, f, manifest.families[f].previous, "cpu", 2).models[f]
-        for f in args.only
-        if f in ("digits", "fashion") and not args.version and manifest.families[f].previous
+    classifiers = [f for f in args.only if FAMILIES[f].evaluator == "eval_classifier" and not args.version]
+    load = lambda f, v: load_family(exported, manifest, f, v, "cpu", 2).models[f]
+    before = {f: before_framing(exported, manifest, f) for f in classifiers}
+    previous = {f: load(f, v) for f, v in before.items() if v}  # the wild suites' "before"
+    replaced = {  # the version the active one replaced, when it is not that "before" (a trust refit)
+        f: load(f, manifest.families[f].previous)
+        for f in classifiers
+        if manifest.families[f].previous and manifest.families[f].previous != before[f]
     }
     write = args.limit is None
     ctx = {
@@ -437,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         "limit": args.limit,
         "judge": judge,
         "previous": previous,
+        "replaced": replaced,
         "img_dir": common.IMG_DIR if write and not args.version else common.RUNS / "eval-smoke",
     }
     ctx["img_dir"].mkdir(parents=True, exist_ok=True)
@@ -467,8 +486,6 @@ def main(argv: list[str] | None = None) -> int:
             common.write_json(meta_path, meta)
         print(f"{name} {fam.version}: {'meets its bars' if ok else 'BELOW ITS BARS'}; smoke set written", flush=True)
     if write and not args.version and not args.smoke_only:
-        from training.model_card import write_model_card
-
         write_model_card(exported)
     return 1 if failed and write else 0
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from service import repository
+from service.metadata import read_metadata
 from training.common import write_json
 
 OPSET = 17
@@ -142,8 +144,6 @@ def export_family(
 def commit_version(out_dir: Path, family: str, staging: Path, metas: dict[str, dict], date: str, activate: bool) -> str:
     """Hash the staged models, name the version after them, move them into place with their
     metadata (checked against the service's types) and register the version."""
-    from service.metadata import read_metadata
-
     digests = {name: sha256_bytes((staging / f"{name}.onnx").read_bytes()) for name in metas}
     version = family_version(date, list(digests.values()))
     final = out_dir / family / version
@@ -173,8 +173,6 @@ def register_version(
 ) -> None:
     """Add a family version to the manifest (created if missing) through its one owner
     (service.repository: locked, validated, atomic); activate it if asked."""
-    from service import repository
-
     repository.register_version(out_dir, family, version, specs, digests, activate)
 
 

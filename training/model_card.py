@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from service.metadata import read_manifest
+from training import ood_sets, wild
 from training.common import REPO
+from training.families import FAMILIES, check_bars
 
 
 def _signature(specs: list[dict]) -> str:
@@ -19,9 +22,6 @@ def _fmt(v) -> str:
 
 
 def write_model_card(exported: Path, path: Path | None = None) -> None:
-    from service.metadata import read_manifest
-    from training.families import FAMILIES, check_bars
-
     path = path or REPO / "docs" / "models.md"
     manifest = read_manifest(exported)
     lines = [
@@ -64,6 +64,11 @@ def write_model_card(exported: Path, path: Path | None = None) -> None:
             f"- data: {t['dataset']['name']} (files checked by sha256)",
             f"- trained with: `{t['command']}` (seed {t['seed']}, {t['epochs']} epochs, "
             f"{t['seconds'] / 60:.1f} min on the 2-core CPU)",
+            *(
+                [f"- trust settings refitted with: `{t['trust_command']}` (on version `{t['trust_from']}`)"]
+                if t.get("trust_command")
+                else []
+            ),
             f"- ONNX parity vs PyTorch (max abs diff): {meta['parity']['max_abs_diff']}",
             f"- sha256 `{meta['sha256']}`",
         ]
@@ -99,8 +104,6 @@ def write_model_card(exported: Path, path: Path | None = None) -> None:
 
 def trust_section(family, meta: dict) -> list[str]:
     """Calibration and out-of-distribution detection, measured by make evaluate from the file."""
-    from training.families import check_bars
-
     lines, m = [], meta["metrics"]
     cal, ood = meta.get("calibration"), meta.get("ood")
     ece_key = "ece_test" if "ece_test" in m else "ece_dev" if "ece_dev" in m else None
@@ -123,8 +126,9 @@ def trust_section(family, meta: dict) -> list[str]:
         lines += [
             "",
             f"**Out-of-distribution detection**: `{ood['output']}` from the ONNX graph ({ood['method']}); "
-            f"threshold {ood['threshold']:.4g}, fixed at export so that {ood['validation_pass_rate']:.0%} of the "
-            f"validation split passes.",
+            f"threshold {ood['threshold']:.4g}, fixed at export: the larger of the score {family.trust.pass_rate:.0%} "
+            f"of the validation split passes and the score {family.trust.official_pass_rate:.0%} of its official "
+            f"images pass ({ood['validation_pass_rate']:.1%} of the split passes).",
             "",
             "| in-distribution test set vs | AUROC | false accepts at the threshold |",
             "|---|---|---|",
@@ -133,6 +137,7 @@ def trust_section(family, meta: dict) -> list[str]:
             f"| {k.replace('_', ' ')} | {m['auroc_' + k]:.4f} | {m['false_accept_rate_' + k]:.2%} |" for k in sets
         ]
         lines += [f"| *false rejects of the in-distribution test set* | — | {m['false_reject_rate_test']:.2%} |"]
+        lines += glyph_section(m)
     elif ood and "dev_flagged_out_of_distribution" in m:
         lines += [
             "",
@@ -143,6 +148,50 @@ def trust_section(family, meta: dict) -> list[str]:
     trust = check_bars(family, m, family.trust_bars)
     if trust:
         lines += ["", "- trust bars: " + "; ".join(line for line, _, _ in trust)]
+    return lines
+
+
+GLYPH_ROWS = {
+    "held_out_chars": "held-out characters ({held}), fitted fonts",
+    "held_out_fonts": "fitted characters, held-out fonts on this machine ({fonts})",
+    "held_out_both": "held-out characters in held-out fonts",
+    "extra_fonts": "every character in fonts never installed here (runs/heldout-fonts: Liberation, FreeFont)",
+    "extra_fonts_held_out_chars": "held-out characters in those fonts",
+}
+
+
+def glyph_section(m: dict) -> list[str]:
+    """Printed letters and symbols: the outlier-exposure term's held-out check (training.ood_sets)."""
+    keys = [k for k in GLYPH_ROWS if f"glyphs_{k}_flagged" in m]
+    if not keys:
+        return []
+    fonts = wild.font_files()
+    fit = ood_sets.fit_fonts(fonts)
+    held = sorted({Path(f).stem.split("-")[0] for f in fonts if f not in fit})
+    old = m.get("glyphs_replaced")
+    lines = [
+        "",
+        "**Printed letters and symbols** (outlier exposure, `training/ood_sets.py`): the term is fitted on "
+        f"{ood_sets.GLYPH_N:,} glyphs of {len(ood_sets.FIT_CHARS)} characters in {len(fit)} DejaVu Sans and Serif "
+        "faces, rendered as printed on a canvas and through the digit renderings (photo, scan, page, pens), "
+        "decoded and framed as served; it is checked on glyphs it never saw: other characters "
+        f"(`{ood_sets.HELD_OUT_CHARS}`), other fonts, both, and fonts from packages not installed here. "
+        "The wild suite's letters (below) mix fitted and held-out fonts and characters in other renderings.",
+        "",
+        "| printed glyphs on a canvas, flagged | "
+        + (f"`{old['version']}` (before this term) | " if old else "")
+        + "**now** |",
+        "|---|---|" + ("---|" if old else ""),
+    ]
+    for k in keys:
+        label = GLYPH_ROWS[k].format(held=ood_sets.HELD_OUT_CHARS.replace("|", "\\|"), fonts=", ".join(held))
+        before = f"{old[k]:.1%} | " if old and k in old else ""
+        lines.append(f"| {label} | {before}**{m[f'glyphs_{k}_flagged']:.1%}** |")
+    if old and "wild_letters_symbols_flagged" in m:
+        lines.append(
+            f"| the wild suite's letters and symbols (every font on the machine) | {old['letters_symbols']:.1%} | "
+            f"**{m['wild_letters_symbols_flagged']:.1%}** |"
+        )
     return lines
 
 
@@ -184,9 +233,10 @@ def wild_section(name: str, m: dict) -> list[str]:
         if "accuracy" in r:
             if prev:
                 p, f = prev.get(key, {}), framed.get(key, {})
+                pct = lambda d, k, fmt: "—" if k not in d else format(d[k], fmt)
                 lines.append(
-                    f"| {label} | {p.get('accuracy', float('nan')):.1%} | {f.get('accuracy', float('nan')):.1%} | "
-                    f"**{r['accuracy']:.1%}** | {p.get('ood_pass', float('nan')):.0%} → {r['ood_pass']:.0%} |"
+                    f"| {label} | {pct(p, 'accuracy', '.1%')} | {pct(f, 'accuracy', '.1%')} | "
+                    f"**{r['accuracy']:.1%}** | {pct(p, 'ood_pass', '.0%')} → {r['ood_pass']:.0%} |"
                 )
             else:
                 lines.append(f"| {label} | {r['accuracy']:.1%} | {r['ood_pass']:.0%} |")

@@ -19,9 +19,10 @@ import time
 from pathlib import Path
 
 from training import common, evaluate
-from training.data import DataError
+from training.data import DataError, resolve_data_dir
 from training.export import export_family
 from training.families import FAMILIES
+from training.trust import finisher
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,9 +49,6 @@ def main(argv: list[str] | None = None) -> int:
     exported = Path(args.exported)
     finish = None
     if family.trust:
-        from training.data import resolve_data_dir
-        from training.trust import finisher
-
         finish = finisher(resolve_data_dir(args.data_dir))
     version = export_family(family.name, trained.parts, exported, trained.training, activate=False, finish=finish)
     common.plot_curves(

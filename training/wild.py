@@ -15,10 +15,15 @@ renders the *training* split with other seeds (never the test split, never these
 from __future__ import annotations
 
 import io
+import multiprocessing as mp
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+from service import preprocessing as pp
 
 DIGIT_FAMILIES = ("canvas", "photo", "scan", "page", "hairline", "marker")
 GARMENT_FAMILIES = ("garment_page", "garment_photo")
@@ -216,8 +221,6 @@ SYMBOLS = "#@%&?!+=*$§¶€£{}[]<>~^/\\|"
 
 def glyph(char: str, font_path: str, rng: np.random.Generator) -> bytes:
     """One printed character, dark on a 280×280 white canvas like a drawing pad's digit."""
-    from PIL import ImageFont
-
     size = int(rng.uniform(90, 200))
     font = ImageFont.truetype(font_path, size)
     img = Image.new("L", (280, 280), 255)
@@ -232,20 +235,54 @@ def glyph(char: str, font_path: str, rng: np.random.Generator) -> bytes:
     return buf.getvalue()
 
 
+FONT_DIR = "/usr/share/fonts/truetype"
+
+
 def font_files() -> list[str]:
     """TrueType fonts from Debian's packages (fonts-dejavu-core, fonts-liberation, fonts-freefont-ttf)."""
-    from pathlib import Path
-
-    found = sorted(str(p) for p in Path("/usr/share/fonts/truetype").rglob("*.ttf"))
+    found = sorted(str(p) for p in Path(FONT_DIR).rglob("*.ttf"))
     return found
+
+
+def glyph_ink(char: str, font_path: str) -> np.ndarray:
+    """One character light on dark as a 28×28 uint8 image shaped like an MNIST digit (longer
+    side 20 px, centred), so the digit renderings (RENDER) can draw it."""
+    font = ImageFont.truetype(font_path, 120)
+    img = Image.new("L", (200, 200), 0)
+    draw = ImageDraw.Draw(img)
+    box = draw.textbbox((0, 0), char, font=font)
+    draw.text((100 - (box[0] + box[2]) // 2, 100 - (box[1] + box[3]) // 2), char, fill=255, font=font)
+    arr = np.asarray(img)
+    ys, xs = np.nonzero(arr > 30)
+    out = np.zeros((28, 28), np.uint8)
+    if not len(ys):
+        return out
+    arr = arr[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+    h, w = arr.shape
+    f = 20 / max(h, w)
+    small = np.asarray(
+        Image.fromarray(arr).resize((max(1, round(w * f)), max(1, round(h * f))), Image.Resampling.LANCZOS)
+    )
+    top, left = (28 - small.shape[0]) // 2, (28 - small.shape[1]) // 2
+    out[top : top + small.shape[0], left : left + small.shape[1]] = small
+    return out
+
+
+def glyph_upload(char: str, font_path: str, mode: str, rng: np.random.Generator) -> bytes:
+    """A printed character as an upload: "glyph" (printed on a canvas) or a digit rendering
+    (canvas, photo, ...) of its shape; a glyph too wide for a rendering is printed instead."""
+    if mode != "glyph":
+        try:
+            return RENDER[mode](glyph_ink(char, font_path), rng)
+        except ValueError:  # wider than the rendering's page allows
+            pass
+    return glyph(char, font_path, rng)
 
 
 # --------------------------------------------------------------------------- training sets
 
 
 def _frame_one(args) -> np.ndarray:
-    from service import preprocessing as pp
-
     family, img, seed, framing = args
     data = RENDER[family](img, np.random.default_rng(seed))
     return pp.to_uint8(pp.to_grey_square(Image.open(io.BytesIO(data)), "auto", framing))
@@ -257,17 +294,12 @@ def framed_set(
     """n wild renderings of `images` (cycled over `families`), framed exactly as the server frames
     them -> (uint8 (n, 28, 28), labels (n,)). Seeds are (seed, i) with seed far from the test
     suites'. Cached as npz at `cache` (a path) when given; rendered on every core."""
-    from pathlib import Path
-
     if cache is not None and Path(cache).is_file():
         z = np.load(cache)
         return z["images"], z["labels"]
     rng = np.random.default_rng(seed)
     pick = rng.choice(len(images), size=n, replace=n > len(images))
     jobs = [(families[i % len(families)], images[j], (seed, i), framing) for i, j in enumerate(pick)]
-    import multiprocessing as mp
-    import os
-
     with mp.get_context("fork").Pool(max(1, os.cpu_count() or 1)) as pool:
         out = np.stack(pool.map(_frame_one, jobs, chunksize=64))
     ys = labels[pick]
@@ -325,8 +357,6 @@ def people_texts(sentences: list[str], seed: int = 2026) -> list[str]:
 
 def wild_reviews() -> tuple[list[str], np.ndarray]:
     """training/wild_reviews.tsv: short reviews written the way people post them (not SST-2)."""
-    from pathlib import Path
-
     lines = (Path(__file__).parent / "wild_reviews.tsv").read_text(encoding="utf-8").splitlines()[1:]
     texts, labels = zip(*(line.rsplit("\t", 1) for line in lines if line.strip()))
     return list(texts), np.array([int(y) for y in labels], dtype=np.int64)

@@ -18,6 +18,7 @@ from PIL import Image
 from service import images as served
 from service import tasks
 from training import data, wild
+from training.families import FAMILIES
 
 SEED = 2026  # the suites' seed; training renders with others (training.classifier, training.ood)
 
@@ -76,16 +77,17 @@ def garment_suites(data_dir: Path, n: int) -> dict[str, tuple[list[bytes], np.nd
 
 
 def outlier_suites(name: str, data_dir: Path, n: int) -> dict[str, list[bytes]]:
-    """Uploads that are not the model's subject at all: each should be flagged."""
+    """Uploads that are not family `name`'s subject at all: each should be flagged (its other
+    dataset, and printed letters and symbols for a family fitted on glyphs)."""
     rng = np.random.default_rng(SEED + 7)
     out = {
         "uniform_noise": [noise_upload(rng) for _ in range(n)],
         "blank_page": [blank_page(rng) for _ in range(n)],
     }
-    other = "fashion" if name == "digits" else "mnist"
-    imgs, _ = data.load_images(other, "test", data_dir)
-    out[f"{other}_test_png"] = [upload_png(imgs[i]) for i in pick(n, len(imgs), SEED + 8)]
-    if name == "digits":
+    trust = FAMILIES[name].trust
+    imgs, _ = data.load_images(trust.other, "test", data_dir)
+    out[f"{trust.other}_test_png"] = [upload_png(imgs[i]) for i in pick(n, len(imgs), SEED + 8)]
+    if trust.glyphs:
         fonts = wild.font_files()
         chars = wild.LETTERS + wild.SYMBOLS
         out["letters_symbols"] = (
@@ -119,7 +121,7 @@ def predict(model, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def evaluate(model, name: str, data_dir: Path, n: int = 1000, keep: bool = False, framing: str | None = None):
     """{suite: {accuracy, ood_pass | flagged, n}} for one classifier (`keep`: also the inputs seen)."""
-    suites = digit_suites(data_dir, n) if name == "digits" else garment_suites(data_dir, n)
+    suites = (digit_suites if FAMILIES[name].dataset == "mnist" else garment_suites)(data_dir, n)
     result, seen = {}, {}
     for key, (uploads, labels) in suites.items():
         x = served_inputs(model, uploads, framing)

@@ -20,11 +20,13 @@ from training import wild, wild_eval
 
 N = 48  # per family: one /classify request of up to max_images (64) pictures
 
+# the pass rates sit under make evaluate's 1,000 per family (canvas 94.9%, photo 92.7%, page 94.8%
+# since the glyph term): these 48 fixtures pass 43, 41 and 42
 DIGITS = {  # family -> (accuracy, in-distribution pass rate) at least
-    "canvas": (0.96, 0.9),
-    "photo": (0.92, 0.88),
+    "canvas": (0.96, 0.87),
+    "photo": (0.92, 0.83),
     "scan": (0.8, None),
-    "page": (0.94, 0.88),
+    "page": (0.94, 0.85),
     "hairline": (0.9, None),
     "marker": (0.9, None),
 }
@@ -80,7 +82,14 @@ def test_non_digits_are_flagged(client, fashion500):
     noise = [wild_eval.noise_upload(rng) for _ in range(16)]
     blank = [wild_eval.blank_page(rng) for _ in range(16)]
     garments = [png(x) for x in fashion500[0][:32]]
-    for name, uploads, bar in (("noise", noise, 1.0), ("blank", blank, 1.0), ("garments", garments, 0.95)):
+    fonts, chars = wild.font_files(), wild.LETTERS + wild.SYMBOLS
+    assert fonts, f"no TrueType fonts under {wild.FONT_DIR} (apt-get install fonts-dejavu-core)"
+    letters = [
+        wild.glyph(chars[(7 * i) % len(chars)], fonts[i % len(fonts)], np.random.default_rng([11, i]))
+        for i in range(32)
+    ]
+    cases = (("noise", noise, 1.0), ("blank", blank, 1.0), ("garments", garments, 0.95), ("letters", letters, 0.9))
+    for name, uploads, bar in cases:
         flagged = np.mean([not r["in_distribution"] for r in classify(client, uploads, "digits")])
         assert flagged >= bar, f"{name}: only {flagged:.3f} flagged"
 

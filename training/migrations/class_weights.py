@@ -1,4 +1,4 @@
-"""The generator with a continuous class input: `python -m training.class_weights`.
+"""The generator with a continuous class input: `python -m training.migrations.class_weights`.
 
 The committed generator looks its class up (`Gather(embed.weight, digit)`): a digit is an
 integer, so nothing lies between a 3 and an 8. This edits the graph into
@@ -23,7 +23,9 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from service import preprocessing as pp
+from service import repository
 from training import common
+from training.export import commit_version
 
 TOLERANCE = 1e-5
 
@@ -60,15 +62,11 @@ def check_parity(old_path: Path, new_path: Path, z_dim: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from training.export import commit_version
-
-    p = argparse.ArgumentParser(prog="python -m training.class_weights", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m training.migrations.class_weights", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--exported", default=str(common.EXPORTED))
     args = p.parse_args(argv)
     exported = Path(args.exported)
-    from service import repository
-
     source = repository.read(exported).families["generator"].active
     src = exported / "generator" / source
     meta = json.loads((src / "generator.json").read_text())
