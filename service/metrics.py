@@ -282,6 +282,9 @@ def observe_requests(model: str, requests: int, rows: int, seconds: float) -> No
 def watch_gate(gate) -> None:
     """deepserve_priority_queued from this worker's gate at every flush."""
 
+    for name in priority.CLASSES:  # every class's shed series exists from the start (0, not absent)
+        get().class_shed.labels(name)
+
     def gauge() -> None:
         queued = get().class_queued
         for i, name in enumerate(priority.CLASSES):

@@ -1,10 +1,12 @@
 """The monitoring stack against the real thing: promtool checks and unit tests, then a real
 Prometheus scraping a real deepserve, with every rule loaded and every dashboard query
-returning data."""
+returning data (a rollout runs meanwhile: digits and generator twins of the active versions
+on shadow and canary, so the rollout panels have data too)."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import time
 
@@ -12,10 +14,12 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import FIXTURES, REPO, require_tools
+from tests.conftest import EXPORTED, FIXTURES, REPO, require_tools
 from tests.service.conftest import Server, free_port
+from tests.service.test_versions import ADMIN, add_version
 
 PROM = REPO / "deploy" / "prometheus"
+ROLLOUTS, TWIN = ("digits", "generator"), "2099-04-01-twin"
 DASHBOARD = REPO / "deploy" / "grafana" / "deepserve.json"
 pytestmark = require_tools("prometheus", "promtool")
 
@@ -53,7 +57,17 @@ def dashboard_queries() -> list[str]:
 def stack(tmp_path_factory):
     """deepserve + Prometheus scraping it every second with deploy/'s rules."""
     tmp = tmp_path_factory.mktemp("prometheus")
-    server = Server()
+    models = tmp / "exported"
+    shutil.copytree(EXPORTED, models, ignore=shutil.ignore_patterns(".status", ".manifest.lock"))
+    for family in ROLLOUTS:
+        add_version(models, family, TWIN)
+    server = Server(env={"DEEPSERVE_EXPORTED_DIR": str(models), "DEEPSERVE_ADMIN_KEY": "admin-secret"})
+    for family in ROLLOUTS:  # a candidate on shadow and canary (no policy: it runs for the whole test)
+        base = f"{server.url}/admin/models/{family}"
+        r = httpx.post(f"{base}/candidate", json={"version": TWIN}, headers=ADMIN, timeout=90)
+        assert r.status_code == 200, r.text
+        r = httpx.post(f"{base}/rollout", json={"shadow": 1.0, "canary": 0.5}, headers=ADMIN, timeout=30)
+        assert r.status_code == 200, r.text
     config = yaml.safe_load((PROM / "prometheus.yml").read_text())
     config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
     config["rule_files"] = [str(PROM / f) for f in config["rule_files"]]
@@ -97,8 +111,14 @@ def stack(tmp_path_factory):
 def send_traffic(base: str) -> None:
     seven = (FIXTURES / "mnist_test0_label7.png").read_bytes()
     with httpx.Client(base_url=base, timeout=30) as c:
-        for _ in range(5):
-            assert c.post("/classify", files={"image": ("7.png", seven, "image/png")}).status_code == 200
+        for i in range(5):
+            for client in range(4):  # canary clients and primary clients
+                who = {"X-Client-Id": f"client-{i}-{client}"}
+                assert (
+                    c.post("/classify", files={"image": ("7.png", seven, "image/png")}, headers=who).status_code == 200
+                )
+                assert c.post("/generate", json={"n": 2}, headers=who).status_code == 200
+            assert c.post("/generate", json={"n": 4}, headers={"X-Priority": "batch"}).status_code == 200
             assert c.post("/classify", json={"text": "a gorgeous film"}).status_code == 200
             assert c.post("/generate", json={"n": 4, "seed": 1}).status_code == 200
             code = c.post("/compress", files={"image": ("7.png", seven, "image/png")}).json()["code"]
