@@ -111,6 +111,8 @@ def registry(app) -> dict:
             "meets_bars": meta.meets_bars,
             "trained_with": meta.training.command,
         }
+        if family.rollout is not None:  # the running rollout, or the last one's decision (the playground's panel)
+            info["rollout"] = rollout_view(core, model.family, family.rollout)
         info.update(task.describe(model))
         cal, ood = getattr(meta, "calibration", None), getattr(meta, "ood", None)
         if cal is not None or ood is not None:
@@ -127,6 +129,21 @@ def registry(app) -> dict:
         "provider": core.provider,
         "defaults": {t: core.manifest.default_for(t) for t in TASKS if core.names_for(t)},
         "batching": {"enabled": s.batching, "max_batch_size": s.max_batch_size, "max_latency_ms": s.max_latency_ms},
+    }
+
+
+def rollout_view(core, family: str, r) -> dict:
+    """A rollout as /models shows it: shares, state, decision, and its numbers so far."""
+    live = core.rollouts.evidence(family) if r.state == "running" else r.evidence
+    return {
+        "id": r.id,
+        "candidate": r.candidate,
+        "shadow": r.shadow,
+        "canary": r.canary,
+        "automatic": r.policy is not None,
+        "state": r.state,
+        "reason": r.reason,
+        "summary": (live or {}).get("summary"),
     }
 
 

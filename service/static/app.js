@@ -753,9 +753,50 @@ function loadModels() {
   });
 }
 
+// ------------------------------------------------------------------ rollouts
+
+const pct = (x) => (x == null ? "–" : `${+(x * 100).toFixed(1)}%`);
+
+function showRollouts(listing) {
+  const seen = new Map(); // one row per family (the codec's two models share one rollout)
+  for (const m of listing.models) if (m.rollout && !seen.has(m.family)) seen.set(m.family, m.rollout);
+  const headers = [...byId("rollouts-table").tHead.rows[0].cells].map((th) => th.textContent);
+  const rows = [...seen].map(([family, r]) => {
+    const s = r.summary || {};
+    const split = `shadow ${pct(r.shadow)} · canary ${pct(r.canary)}`;
+    const agree = s.agreement == null ? "nothing compared yet" : `${pct(s.agreement)} of ${s.evidence_requests} requests`;
+    const decision = r.state === "running" ? (r.automatic ? "running: the policy decides" : "running") : r.state.replace("_", " ");
+    const row = document.createElement("tr");
+    [family, r.candidate, split, agree, decision + (r.reason ? ` (${r.reason})` : "")].forEach((text, i) => {
+      const cell = document.createElement("td");
+      cell.textContent = text;
+      cell.dataset.label = headers[i];
+      row.append(cell);
+    });
+    row.cells[0].className = "strong";
+    row.dataset.state = r.state;
+    return row;
+  });
+  byId("rollouts-table").tBodies[0].replaceChildren(...rows);
+  const running = [...seen.values()].some((r) => r.state === "running");
+  byId("rollouts-note").textContent = rows.length
+    ? running ? "Updates every 2 s while a rollout runs." : "The last rollout's decision."
+    : "No rollout yet: an operator starts one with the admin API (docs/operations.md).";
+  return running;
+}
+
+async function pollRollouts() {
+  try {
+    setTimeout(pollRollouts, showRollouts(await api("/models")) ? 2000 : 10000);
+  } catch (err) {
+    byId("rollouts").querySelector(":scope > .error").textContent = String(err.message || err);
+  }
+}
+
 // ------------------------------------------------------------------ start
 
 loadModels();
+pollRollouts();
 sentiment.classifyNow();
 fashion.classify(sampleBlob("ankle-boot"));
 generator.generate();

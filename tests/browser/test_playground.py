@@ -89,6 +89,8 @@ TEST_IDS = [
     "denoise-output",
     "denoise-seen",
     "models-table",
+    "rollouts-table",
+    "rollouts-note",
 ]
 # the controls a person operates (the other hooks are results and outputs)
 CONTROLS = [
@@ -728,3 +730,48 @@ def test_docs_page_renders_swagger_from_this_server(server):
         assert browser.requests_to("/docs.json") == 1
     finally:
         browser.quit()
+
+
+def test_the_rollout_panel_shows_a_running_rollout_then_its_decision(tmp_path):
+    from tests.conftest import EXPORTED
+    from tests.service.test_versions import ADMIN, add_version
+
+    models = tmp_path / "exported"
+    shutil.copytree(EXPORTED, models, ignore=shutil.ignore_patterns(".status", ".manifest.lock"))
+    add_version(models, "digits", "2099-05-01-twin")
+    server = Server(env={"DEEPSERVE_EXPORTED_DIR": str(models), "DEEPSERVE_ADMIN_KEY": "admin-secret"})
+    browser = Browser(server.url)
+    base = f"{server.url}/admin/models/digits"
+    try:
+        r = httpx.post(f"{base}/candidate", json={"version": "2099-05-01-twin"}, headers=ADMIN, timeout=90)
+        assert r.status_code == 200, r.text
+        r = httpx.post(f"{base}/rollout", json={"shadow": 1.0, "canary": 0.3}, headers=ADMIN, timeout=30)
+        assert r.status_code == 200, r.text
+        seven = (FIXTURES / "mnist_test0_label7.png").read_bytes()
+        for i in range(12):  # twelve clients: the canary's share answers some, the active version the others
+            r = httpx.post(
+                server.url + "/classify",
+                files={"image": ("7.png", seven, "image/png")},
+                headers={"X-Client-Id": f"client-{i}"},
+                timeout=30,
+            )
+            assert r.status_code == 200
+        browser.collect()
+        browser.open("/")
+        rows = lambda: browser.driver.find_elements(By.CSS_SELECTOR, "#rollouts-table tbody tr")
+        browser.wait(lambda: rows() and "of " in rows()[0].text, message="the running rollout with its agreement")
+        text = rows()[0].text
+        assert "digits" in text and "2099-05-01-twin" in text and "shadow 100% · canary 30%" in text, text
+        assert "100% of" in text and "running" in text, text  # the twin agrees with the active version
+        assert "Updates every 2 s" in browser.text("rollouts-note")
+        r = httpx.delete(f"{base}/rollout", headers=ADMIN, timeout=30)
+        assert r.status_code == 200, r.text
+        browser.wait(lambda: "rolled back" in rows()[0].text, message="the decision, without a reload")
+        assert "stopped by an operator" in rows()[0].text
+        browser.screenshot(RESULTS / "rollouts.png", 1280)
+        errors = unexpected(browser.errors())
+        assert not errors, errors
+        assert not browser.foreign_requests()
+    finally:
+        browser.quit()
+        server.stop()
