@@ -1,6 +1,7 @@
 """The trust step of the text classifier (training.ood has the method): the unknown-token
-rate's threshold and the temperature, both fitted on the validation split the model was
-trained with (training.sentiment.sentence_split)."""
+rate's threshold, fitted on the whole validation split the model was trained with, and the
+temperature, fitted on its calibration half: whole training sentences the model never saw a
+piece of and that did not pick the checkpoint (training.sentiment.validation_split)."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def sentiment_logits(sess: ort.InferenceSession, seqs: list[list[int]]) -> np.nd
 
 
 def build_sentiment(onnx_path: Path, meta: dict, data_dir: Path, out_dir: Path, pass_rate: float | None = None) -> dict:
-    from training.sentiment import sentence_split  # imports torch (the rest of the trust step does not)
+    from training.sentiment import validation_split  # imports torch (the rest of the trust step does not)
 
     family = FAMILIES["sentiment"]
     pass_rate = family.trust.pass_rate if pass_rate is None else pass_rate
@@ -51,10 +52,13 @@ def build_sentiment(onnx_path: Path, meta: dict, data_dir: Path, out_dir: Path, 
     max_tokens = meta["preprocessing"]["max_tokens"]
     sentences, labels = data.load_sst2("train", data_dir)
     dev, y_dev = data.load_sst2("dev", data_dir)
-    _, va = sentence_split(sentences, n_val, seed)
+    kind = meta.get("training", {}).get("config", {}).get("split", "long")  # versions before the field: "long"
+    _, select, cal_idx = validation_split(sentences, kind, n_val, seed)
+    va = np.union1d(select, cal_idx)
     val = [sentences[i] for i in va]
-    y_val = labels[va]
-    log(f"{onnx_path}: {len(val)} validation sentences, {len(dev)} dev sentences")
+    log(
+        f"{onnx_path}: {len(val)} validation sentences ({kind} split, {len(cal_idx)} fit the temperature), {len(dev)} dev"
+    )
 
     rates_val = unknown_token_rates(val, index, max_tokens)
     rates_dev = unknown_token_rates(dev, index, max_tokens)
@@ -67,15 +71,21 @@ def build_sentiment(onnx_path: Path, meta: dict, data_dir: Path, out_dir: Path, 
 
     sess = graph.session(onnx_path)
     enc = lambda texts: [pp.encode(pp.tokenize(t), index, max_tokens) or [pp.UNK] for t in texts]
-    l_val, l_dev = sentiment_logits(sess, enc(val)), sentiment_logits(sess, enc(dev))
+    l_cal, l_dev = sentiment_logits(sess, enc([sentences[i] for i in cal_idx])), sentiment_logits(sess, enc(dev))
     log(f"dev accuracy {np.mean(l_dev.argmax(1) == y_dev):.4f}")
+    fitted_on = (
+        f"calibration half of the validation split ({len(cal_idx)} whole training sentences, held out with every "
+        "phrase inside them, not used to pick the checkpoint)"
+        if kind == "whole"
+        else f"validation split ({len(cal_idx)} sentences)"
+    )
     cal = metrics.calibration_report(
-        l_val,
-        y_val,
+        l_cal,
+        labels[cal_idx],
         l_dev,
         y_dev,
         0.0,
-        f"validation split ({len(val)} sentences)",
+        fitted_on,
         out_dir / "sentiment_reliability.png",
         "sentiment",
         log,

@@ -77,6 +77,20 @@ def test_sentiment_on_200_real_dev_sentences(models, sst2_dev200):
     assert acc >= 0.80
 
 
+def test_sentiment_confidence_is_calibrated_on_200_real_dev_sentences(models, sst2_dev200):
+    from training.ood_metrics import ece
+
+    m = models["sentiment"]
+    sentences, labels = sst2_dev200
+    logits = tasks.token_logits(m, [s or [pp.UNK] for s in tasks.encode_texts(m, sentences)])
+    raw, calibrated = ece(pp.softmax(logits), labels), ece(tasks.calibrated(m, logits), labels)
+    # bar: ECE <= 0.04 on all 872 dev sentences (make evaluate records it); 200 sentences add binning
+    # noise (the shipped T = 2.59 gives 0.051 here, the older split's T = 1.80 would give 0.061)
+    assert calibrated <= 0.06 and calibrated < raw / 2
+    op, bar, _ = FAMILIES["sentiment"].trust.bars["ece_dev"]
+    assert op == "<=" and m.meta.metrics["ece_dev"] <= bar
+
+
 def test_sentiment_is_exact_under_padding(models):
     m = models["sentiment"]
     short, long_ = tasks.encode_texts(m, ["great film", "a long , dull and utterly pointless exercise in tedium"])
