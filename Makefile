@@ -11,7 +11,7 @@ export DEEPSERVE_DATA_DIR ?= $(abspath ../shared/datasets)
 endif
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: help serve test test-fast lint tools loadtest stress bench bench-framing mutants train train-smoke evaluate publish build fixtures settings-table clean gpu-check gpu-verify gpu-stage screenshots image image-gpu test-image-gpu
+.PHONY: help serve test test-fast lint tools loadtest stress bench bench-framing bench-priority bench-shadow mutants train train-smoke evaluate publish build fixtures settings-table clean gpu-check gpu-verify gpu-stage screenshots image image-gpu test-image-gpu
 
 help:
 	@echo "make serve        serve exported/ models on $(HOST):$(PORT) (PORT=... to change)"
@@ -28,6 +28,8 @@ help:
 	@echo "make bench        deepserve vs FastAPI, LitServe, no-op and in-process ORT -> docs/benchmarks.md"
 	@echo "make mutants      deliberate faults in the service: each must be caught by a test (docs/testing.md)"
 	@echo "make bench-framing  /classify before and after server-side framing (28×28, canvas, photo), ABBA"
+	@echo "make bench-priority the noisy neighbour: bystanders' latency with a heavy client at each priority class"
+	@echo "make bench-shadow   what a 100% shadow costs the primary at moderate load and at saturation (2 workers)"
 	@echo "make gpu-check    the GPU image's packages in .venv-gpu-check (~1.6 GB download): CUDA libraries all resolve (docs/gpu.md)"
 	@echo "make gpu-verify   on a GPU: parity, batch sweep, server with batching on/off -> $$OUT (DEVICE=cpu: the 2-minute check here)"
 	@echo "make gpu-stage    onnxruntime-gpu + the serving wheels a device lacks, in parts for the device tool (.stage/RUNBOOK.md)"
@@ -82,6 +84,14 @@ mutants: $(VENV)/.dev-installed tools
 # what server-side framing costs on /classify: the commit before it against this checkout, ABBA
 bench-framing: $(VENV)/.dev-installed tools
 	$(PY) -m bench.framing
+
+# a heavy /generate client at the interactive and at the batch class, bystanders on /classify
+bench-priority: $(VENV)/.dev-installed tools
+	$(PY) -m bench.priority
+
+# a candidate on a 100% shadow against none, interleaved, at 4 and 64 connections
+bench-shadow: $(VENV)/.dev-installed tools
+	$(PY) -m bench.shadow
 
 test-fast: $(VENV)/.dev-installed
 	$(PY) -m pytest -m "unit or contract or export"

@@ -11,6 +11,14 @@ if extra and #extra > 0 then
   wrk.headers[name] = value
 end
 
+-- optional think time per connection (ms): a paced load below saturation instead of a closed loop at full speed
+local pause = tonumber(os.getenv("BENCH_DELAY_MS") or "")
+if pause and pause > 0 then
+  function delay()
+    return pause
+  end
+end
+
 function done(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(

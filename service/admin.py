@@ -306,7 +306,16 @@ def install(app) -> None:
                 await app.follower.sync()
                 result = await wait_for(family, entry.candidate, app.settings.swap_timeout_s)
                 if result != "ok":
-                    await asyncio.to_thread(set_active, app.core.directory, family, entry.active, entry.previous)
+                    await asyncio.to_thread(
+                        repository.undo_promotion,
+                        app.core.directory,
+                        family,
+                        r.id,
+                        entry.active,
+                        entry.previous,
+                        result,
+                    )
+                    metrics.get().rollout_decisions.labels(family, "promotion_failed", "operator").inc()
                     await app.follower.sync()
                     raise ApiError(
                         409 if result == "failed" else 504,

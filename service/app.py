@@ -156,6 +156,16 @@ class Request:
         self.starts = {}
         return self.starts
 
+    def detached(self) -> Request:
+        """A copy for work that outlives the answer (a shadow request's decode): its own
+        timings, no span, never hung up; the client's request is left as it is."""
+        r = object.__new__(Request)
+        for name in Request.__slots__:
+            setattr(r, name, getattr(self, name))
+        r.timings, r.span, r.span_attributes, r.starts = {}, None, None, None
+        r.cancelled, r._hung_up = threading.Event(), None
+        return r
+
     def hung_up(self) -> bool:
         """True once the client's connection is closed (as far as the server can tell)."""
         return self._hung_up is not None and self._hung_up()

@@ -124,10 +124,12 @@ class Batcher:
         what the request has already waited (for a slot, its body), which counts too. Queued
         requests of lower classes are shed first, lowest first (service.priority)."""
         if cls == priority.SHADOW:
-            if not self.gate.spare() or any(self.queues):
+            if not self.gate.spare() or any(self.queues[: priority.SHADOW]):
+                self._count_shed(cls)
                 raise Overloaded(f"{self.name}: no spare capacity for shadow work")
             return
         if any(self.queues[: cls + 1]) and spent_s + self.predicted_wait(rows, cls) > self.max_latency_s:
+            self._count_shed(cls)
             raise Overloaded(f"{self.name} is overloaded: the request would wait too long")
         # the whole queue past the limit: lower classes make room, lowest and newest first
         while spent_s + self.predicted_wait(rows, priority.SHADOW) > self.max_latency_s and self._shed_lower(cls):
@@ -142,10 +144,13 @@ class Batcher:
                 self._left_queue(p, lower)
                 if not p.future.done():
                     p.future.set_exception(Overloaded(f"{self.name}: shed for higher-priority work"))
-                if self.on_shed is not None:
-                    self.on_shed(self.name, lower)
+                self._count_shed(lower)
                 return True
         return False
+
+    def _count_shed(self, cls: int) -> None:
+        if self.on_shed is not None:
+            self.on_shed(self.name, cls)
 
     def _left_queue(self, p: _Pending, cls: int) -> None:
         self.rows_by_class[cls] -= p.rows

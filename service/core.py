@@ -273,9 +273,11 @@ class Core:
         for fam in loaded or list(self.active.values()):
             for name, model in fam.models.items():
                 task, batcher = TASKS[model.task], fam.batchers[name]
+                # at start-up nothing else runs; a version loaded later warms up behind client work
+                cls = priority.INTERACTIVE if loaded is None else priority.BATCH
                 for wave in (1, 4, 12):
                     await asyncio.gather(
-                        *(batcher.submit(j, j.rows) for j in (task.warmup(model) for _ in range(wave)))
+                        *(batcher.submit(j, j.rows, cls=cls) for j in (task.warmup(model) for _ in range(wave)))
                     )
         if loaded is None:
             # everything allocated so far (BentoML, ORT sessions, metadata) lives for the whole

@@ -29,20 +29,23 @@ async def infer(
     req,
     name: str,
     version: str | None,
-    decode: Callable[[Model], Awaitable[Job]],
+    decode: Callable[..., Awaitable[Job]],
     encode: Callable[[Model, Job, Any], Response],
+    tensors: bool = False,
 ) -> Response:
     """Resolve `name` at `version` (None: active, or the candidate for a canary client), admit
     at the request's priority class, then in a slot `decode(model)` and batch the job;
-    `encode(model, job, result)` makes the answer; a rollout's shadow gets its mirror after.
-    NotServed, ApiError and Overloaded propagate to the app's one error table."""
+    `encode(model, job, result)` makes the answer; a rollout's shadow gets its mirror after
+    (`decode(candidate, detached request)`). With `tensors` (the request is tensors shaped for
+    one signature) a candidate whose signature differs gets no share of it. NotServed,
+    ApiError and Overloaded propagate to the app's one error table."""
     core = app.core
     cls = priority_of(req)
     model, batcher = core.resolve(name, version)
     rollouts, role = core.rollouts, "primary"
     if rollouts.running and version is None and model.family in rollouts.running and rollouts.canary(model.family, req):
         target = core.candidate(name)
-        if target is not None:
+        if target is not None and not (tensors and target[0].meta.inputs != model.meta.inputs):
             (model, batcher), role = target, "canary"
     batcher.admit(1, cls=cls)  # shed before decoding anything when the model's queue is already too long
     async with app.work():
@@ -65,7 +68,7 @@ async def infer(
                 raise
             rollouts.observe(model.family, role, job, ok=True)
             if role == "primary" and version is None:
-                rollouts.mirror(model, decode, result)
+                rollouts.mirror(model, decode, result, req, tensors)
         else:
             result = await batcher.submit(job, job.rows, req.alive, submitted - req.start, cls)
     metrics.aggregate.observe("class_wait", (priority.CLASSES[cls],), job.queued_s)

@@ -242,7 +242,7 @@ class RolloutPolicy(_Strict):
 
     min_requests: int = Field(200, ge=1, le=10_000_000)
     min_agreement: float = Field(0.95, ge=0.0, le=1.0)  # classifiers: share of rows with the same label
-    min_psnr_db: float = Field(20.0, ge=0.0, le=100.0)  # images out: mean PSNR between the versions' outputs
+    min_psnr_db: float = Field(20.0, ge=0.0, le=100.0)  # images out: a row agrees at this PSNR between versions
     max_error_rate_increase: float = Field(0.01, ge=0.0, le=1.0)  # candidate's error rate minus the primary's
     max_latency_ratio: float = Field(2.0, gt=0.0, le=100.0)  # candidate's compute per row over the primary's
     # (2.0: shadow runs are small batches in leftover CPU: 1.8x measured for a same-architecture version)

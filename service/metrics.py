@@ -130,7 +130,8 @@ def get() -> SimpleNamespace:
         ),
         class_shed=prom.Counter(
             "deepserve_priority_shed",
-            "model requests shed (503) or shadow requests dropped, by priority class",
+            "model requests shed by the batchers (503: at admission, or queued lower-class work shed for "
+            "higher-class work) and shadow requests dropped, by priority class",
             ["class"],
         ),
         class_queued=prom.Gauge(
@@ -184,7 +185,8 @@ def get() -> SimpleNamespace:
         ),
         rollout_decisions=prom.Counter(
             "deepserve_rollout_decisions",
-            "rollouts ended, by family and decision (promoted, rolled_back, stopped) and by whom (policy, operator)",
+            "rollouts ended, by family and decision (promoted, rolled_back, stopped, promotion_failed: a worker "
+            "refused the promoted version and the old one is back) and by whom (policy, operator)",
             ["family", "decision", "by"],
         ),
     )

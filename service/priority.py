@@ -10,11 +10,11 @@ Each model has its own batcher and ONNX Runtime thread, so models compete for th
 for a queue. The rules, in the order a request meets them:
 
 1. Admission (service.batching): a request's predicted wait counts only the work queued at
-   its own class or above. When an interactive or batch request would be shed, the batcher
-   first sheds queued requests of lower classes (shadow, then batch: 503 with Retry-After,
-   counted by class), and only then the request itself. Shadow work is admitted only while
-   nothing of a higher class waits anywhere in the worker (spare capacity); otherwise it is
-   dropped, never queued.
+   its own class or above: one that would be late is shed (503 with Retry-After). When the
+   whole queue would make it late, queued requests of lower classes are shed first (shadow,
+   then batch, newest first, counted by class). Shadow work is admitted only in spare
+   capacity (at most SPARE_QUEUE higher-class jobs waiting anywhere in the worker, and at most
+   `shadow_max_inflight` mirrors in flight); otherwise it is dropped, never queued.
 2. Batches hold one class; a batcher takes its highest waiting class first.
 3. The gate (this module), before every batch: an interactive batch starts at once; a
    lower-class batch waits while any higher-class job is queued or running anywhere in this
@@ -37,6 +37,7 @@ from collections.abc import Iterator
 CLASSES = ("interactive", "batch", "shadow")
 INTERACTIVE, BATCH, SHADOW = 0, 1, 2
 CLIENT_CLASSES = {"interactive": INTERACTIVE, "batch": BATCH}  # what a client may ask for
+SPARE_QUEUE = 2  # higher-class jobs waiting in the worker up to which shadow work is admitted
 
 _local = threading.local()
 
@@ -86,8 +87,10 @@ class Gate:
             self._changed = asyncio.Event()
 
     def spare(self) -> bool:
-        """Nothing of a higher class than shadow waits for a batch anywhere in the worker."""
-        return not (self.waiting[INTERACTIVE] or self.waiting[BATCH])
+        """Spare capacity for shadow work: at most SPARE_QUEUE higher-class jobs wait for a batch
+        anywhere in the worker (at moderate load a job or two wait while one runs; at saturation
+        queues grow well past it)."""
+        return self.waiting[INTERACTIVE] + self.waiting[BATCH] <= SPARE_QUEUE
 
     def blocks(self, cls: int) -> bool:
         return cls > INTERACTIVE and any(self.demand[:cls])

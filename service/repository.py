@@ -31,6 +31,7 @@ __all__ = [
     "set_active",
     "set_candidate",
     "start_rollout",
+    "undo_promotion",
     "update",
     "write_json_atomic",
 ]
@@ -175,5 +176,22 @@ def decide_rollout(
         if state == "promoted":
             fam["previous"], fam["active"] = fam["active"], fam["candidate"]
         fam.pop("candidate", None)
+
+    return update(directory, change)
+
+
+def undo_promotion(
+    directory: Path, family: str, rollout_id: str, active: str, previous: str | None, why: str
+) -> Manifest:
+    """A promotion a worker refused: the old active and previous versions back, and the
+    rollout marked rolled back with the reason, in one update (the manifest never says
+    "promoted" for a version nobody serves)."""
+
+    def change(data: dict) -> None:
+        fam = data["families"][family]
+        fam["active"], fam["previous"] = active, previous
+        rollout = fam.get("rollout")
+        if rollout and rollout["id"] == rollout_id:
+            rollout.update(state="rolled_back", decided=time.time(), reason=f"promotion failed: {why}")
 
     return update(directory, change)

@@ -39,6 +39,7 @@ import numpy as np
 
 from service import metrics, priority, repository
 from service.batching import Overloaded
+from service.errors import ApiError, ClientGone
 from service.metadata import Manifest, Rollout
 from service.runtime import Model
 from service.tasks import TASKS
@@ -70,8 +71,9 @@ PSNR_CAP = 100.0  # identical outputs
 
 
 def client_key(req) -> str:
-    """Who a canary sticks to: `X-Client-Id`, else the API key sent, else the client address."""
-    key = req.header("x-client-id") or req.header("x-api-key") or req.header("authorization")
+    """Who a canary sticks to: `X-Client-Id`, else the client address (behind a proxy that is
+    the proxy's: clients should send X-Client-Id; deepserve's one API key names no client)."""
+    key = req.header("x-client-id")
     if key:
         return key
     client = req.scope.get("client")
@@ -187,6 +189,7 @@ class Rollouts:
         self.dirty: set[str] = set()
         self.inflight = 0
         self._tasks: set[asyncio.Task] = set()
+        self._evidence: dict[str, tuple[float, dict]] = {}  # family -> (when, evidence): /models reads it often
         self.worker = "0"
 
     # ---- following the manifest
@@ -199,7 +202,10 @@ class Rollouts:
                 running[family] = r
                 if r.id not in self.tallies:  # new here, or this worker restarted: continue its file
                     self.tallies[r.id] = self._load(r.id)
+        for family in set(self.running) - set(running):  # ended: its agreement no longer holds
+            metrics.get().rollout_agreement.labels(family).set(-1)
         self.running = running
+        self._evidence.clear()
 
     def folder(self) -> Path:
         return self.core.directory / ".status"
@@ -274,52 +280,69 @@ class Rollouts:
         self._add(family, **fields)
         metrics.get().rollout_requests.labels(family, role, "ok" if ok else "error").inc()
 
-    def mirror(self, model: Model, decode, result: Any) -> None:
-        """Maybe mirror a request the active version answered to the candidate (background)."""
+    def mirror(self, model: Model, decode, result: Any, req, tensors: bool = False) -> None:
+        """Maybe mirror a request the active version answered to the candidate (background,
+        decoded again from a detached copy of the request: the client's is left alone)."""
         r = self.running.get(model.family)
         if r is None or r.shadow <= 0 or (r.shadow < 1 and random.random() >= r.shadow):
             return
         target = self.core.candidate(model.name)
-        if target is None or not self._comparable(model, target[0]):
+        if target is None or not self._comparable(model, target[0], result, tensors):
             return
         self._add(model.family, shadow_sent=1)
         cand, batcher = target
-        if self.inflight >= self.settings.shadow_max_inflight or not self.core.gate.spare() or any(batcher.queues):
-            return self._dropped(model.family)
+        # spare capacity only: a shadow must never take a slot in the decode pool a client needs
+        if self.inflight >= self.settings.shadow_max_inflight or not self.core.gate.spare() or self.core.decode_backlog:
+            return self._dropped(model.family, shed=True)
         self.inflight += 1
-        task = asyncio.get_running_loop().create_task(self._shadow(r, model, cand, batcher, decode, result))
+        task = asyncio.get_running_loop().create_task(
+            self._shadow(r, model, cand, batcher, decode, result, req.detached())
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     @staticmethod
-    def _comparable(model: Model, cand: Model) -> bool:
-        """A decoder reads the codes its own encoder wrote: only mirror between equal codecs."""
-        if model.task != "image-compression-decoder":
-            return True
-        return model.meta.codec == cand.meta.codec
+    def _comparable(model: Model, cand: Model, result: Any, tensors: bool) -> bool:
+        """Whether the two versions' answers to this request can be compared at all: tensors
+        shaped for one signature go only to a candidate with the same one; a decoder reads the
+        codes its own encoder wrote (only between equal codecs); codes compare through their
+        reconstructions, which needs the route's answer."""
+        if tensors and cand.meta.inputs != model.meta.inputs:
+            return False
+        if model.task == "image-compression-decoder":
+            return model.meta.codec == cand.meta.codec
+        if model.task == "image-compression-encoder":
+            return isinstance(result, list) and bool(model.meta.pair)
+        return True
 
-    def _dropped(self, family: str) -> None:
+    def _dropped(self, family: str, shed: bool = False) -> None:
+        """A mirror dropped (`shed`: at the door here; otherwise the batcher counted its shed)."""
         self._add(family, shadow_dropped=1)
-        metrics.get().class_shed.labels("shadow").inc()
+        if shed:
+            metrics.get().class_shed.labels("shadow").inc()
         metrics.get().rollout_requests.labels(family, "shadow", "dropped").inc()
 
-    async def _shadow(self, r: Rollout, model: Model, cand: Model, batcher, decode, primary: Any) -> None:
+    async def _shadow(self, r: Rollout, model: Model, cand: Model, batcher, decode, primary: Any, ctx) -> None:
         family = model.family
         try:
-            job = await decode(cand)  # the candidate's own metadata builds its request
+            job = await decode(cand, ctx)  # the candidate's own metadata builds its request
             result = await batcher.submit(job, job.rows, None, 0.0, priority.SHADOW)
             if model.task == "image-compression-encoder":  # codes differ by version: compare what they decode to
                 primary, result = await self._reconstructions(model, cand, primary, result)
-        except Overloaded:
+        except (Overloaded, ClientGone):
             return self._dropped(family)
+        except ApiError as exc:
+            if exc.status == 503:  # the decode pool is busy: no spare capacity after all
+                return self._dropped(family, shed=True)
+            self._failed(family, model, cand, exc)
+            return
         except Exception as exc:  # the candidate failed where the active version answered
-            self._add(family, shadow_failed=1, candidate_requests=1, candidate_errors=1)
-            metrics.get().rollout_requests.labels(family, "shadow", "error").inc()
-            log.warning("shadow request to %s %s failed: %s", model.name, cand.version, str(exc)[:200])
+            self._failed(family, model, cand, exc)
             return
         finally:
             self.inflight -= 1
-        if self.running.get(family) is not r:  # the rollout ended meanwhile
+        current = self.running.get(family)
+        if current is None or current.id != r.id:  # the rollout ended meanwhile
             return
         policy = r.policy
         fields = compare(model.task, primary, result, policy.min_psnr_db if policy else 20.0)
@@ -347,6 +370,11 @@ class Rollouts:
         if fields.get("psnr_rows"):
             m.shadow_psnr.labels(family).observe(fields["psnr_sum"] / fields["psnr_rows"])
 
+    def _failed(self, family: str, model: Model, cand: Model, exc: Exception) -> None:
+        self._add(family, shadow_failed=1, candidate_requests=1, candidate_errors=1)
+        metrics.get().rollout_requests.labels(family, "shadow", "error").inc()
+        log.warning("shadow request to %s %s failed: %s", model.name, cand.version, str(exc)[:200])
+
     async def _reconstructions(self, model: Model, cand: Model, codes: Any, cand_codes: Any):
         """Both versions' codes through their own decoders, at the shadow class."""
         decoder = model.meta.pair
@@ -361,12 +389,18 @@ class Rollouts:
 
     # ---- the decision (every worker checks; the first to write it decides)
 
-    def evidence(self, family: str) -> dict | None:
+    def evidence(self, family: str, max_age_s: float = 1.0) -> dict | None:
+        """Every worker's tally for the family's running rollout, summed (cached `max_age_s`)."""
         r = self.running.get(family)
         if r is None:
             return None
+        cached = self._evidence.get(family)
+        if cached is not None and time.monotonic() - cached[0] < max_age_s:
+            return cached[1]
         totals = self.totals(r.id)
-        return {"tally": totals, "summary": summary(totals)}
+        out = {"tally": totals, "summary": summary(totals)}
+        self._evidence[family] = (time.monotonic(), out)
+        return out
 
     async def check(self, follower) -> None:
         """Save this worker's tally; for each running rollout with a policy, decide if the
@@ -399,10 +433,16 @@ class Rollouts:
                 json.dumps(evidence["summary"]),
             )
             await follower.sync()
-            if decision == "promoted":
-                outcome = await follower.confirm(family, r.candidate, (before.active, before.previous))
-                if outcome != "ok":
-                    m.rollout_decisions.labels(family, "promotion_failed", "policy").inc()
+            if decision == "promoted":  # watched in a task of its own: the follower keeps following
+                task = asyncio.get_running_loop().create_task(
+                    self._confirm(follower, family, r, (before.active, before.previous))
+                )
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def _confirm(self, follower, family: str, r: Rollout, fallback: tuple[str, str | None]) -> None:
+        if await follower.confirm(family, r.candidate, fallback, r.id) != "ok":
+            metrics.get().rollout_decisions.labels(family, "promotion_failed", "policy").inc()
 
 
 def new_rollout_id(candidate: str) -> str:

@@ -206,14 +206,14 @@ def model_handler(app, path: str, by_body: dict[str, Task]):
 
         if "seed" in task.fields:
 
-            async def decode(model):
-                job = await task.parse(body, model, req)
+            async def decode(model, ctx=req):
+                job = await task.parse(body, model, ctx)
                 body.fields.setdefault("seed", job.info.get("seed"))  # a shadow of it draws the same latents
                 return job
         else:
 
-            def decode(model):  # the coroutine itself: no extra frame per request
-                return task.parse(body, model, req)
+            def decode(model, ctx=req):  # the coroutine itself: no extra frame per request
+                return task.parse(body, model, ctx)
 
         def encode(model, job, result) -> Response:
             return response(task.answer(model, job, result))

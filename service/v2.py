@@ -402,11 +402,11 @@ def install(app) -> None:
         else:
             payload, binary = parse_request(body, req.header("inference-header-content-length"))
 
-        async def decode(model: Model) -> Job:
+        async def decode(model: Model, ctx=req) -> Job:
             started = time.perf_counter()
             v = view_of(model, name, key)
             job = v.to_job(model, decode_inputs(v, payload, binary, TASKS[model.task].max_rows(s)), s)
-            req.stage("decode", started)
+            ctx.stage("decode", started)
             return job
 
         def encode(model: Model, job: Job, outputs: dict[str, np.ndarray]) -> Response:
@@ -420,7 +420,8 @@ def install(app) -> None:
                 return Response(200, text + blob, "application/octet-stream", headers)
             return Response(200, text, "application/json")
 
-        return await dataplane.infer(app, req, model_name, version, decode, encode)
+        # tensors are shaped for one signature: a candidate with another gets no canary or shadow share
+        return await dataplane.infer(app, req, model_name, version, decode, encode, tensors=True)
 
     app.add("/v2", server_metadata)
     app.add("/v2/health/live", live)

@@ -32,7 +32,7 @@ from pathlib import Path
 from service import metrics
 from service.core import Core, Loaded, load_family
 from service.metadata import MANIFEST, MetadataError, read_manifest
-from service.repository import set_active, write_json_atomic
+from service.repository import undo_promotion, write_json_atomic
 from service.runtime import ModelLoadError
 
 log = logging.getLogger("deepserve")
@@ -175,9 +175,10 @@ class Follower:
         self.state.pop(family, None)
         log.info("family %s now serves version %s", family, version)
 
-    async def confirm(self, family: str, version: str, fallback: tuple[str, str | None]) -> str:
+    async def confirm(self, family: str, version: str, fallback: tuple[str, str | None], rollout_id: str) -> str:
         """After a promotion: wait until every live worker serves `version`; if one refuses it
-        (or the swap timeout passes), put `fallback` (active, previous) back. The outcome."""
+        (or the swap timeout passes), put `fallback` (active, previous) back and mark the
+        rollout rolled back. The outcome."""
         deadline = time.monotonic() + self.core.settings.swap_timeout_s
         outcome = "timeout"
         while time.monotonic() < deadline:
@@ -188,7 +189,7 @@ class Follower:
             if now and all(s.get("active") == version and s.get("state") == "serving" for s in now):
                 return "ok"
             await asyncio.sleep(0.1)
-        await asyncio.to_thread(set_active, self.core.directory, family, *fallback)
+        await asyncio.to_thread(undo_promotion, self.core.directory, family, rollout_id, *fallback, outcome)
         await self.sync()
         log.error("promotion of %s %s %s on a worker: back on %s", family, version, outcome, fallback[0])
         return outcome

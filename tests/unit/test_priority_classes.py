@@ -159,12 +159,15 @@ def test_shadow_work_runs_only_in_spare_capacity_and_is_dropped_when_late():
         assert await b.submit("idle", 1, cls=priority.SHADOW) == "idle"  # nothing else: it runs
         first = asyncio.ensure_future(a.submit("x", 1))
         await _until(lambda: a.running_until > 0)
-        queued = asyncio.ensure_future(a.submit("y", 1))  # interactive work waits in the worker
+        queued = [asyncio.ensure_future(a.submit(f"y{i}", 1)) for i in range(priority.SPARE_QUEUE)]
         await asyncio.sleep(0)
-        with pytest.raises(Overloaded):  # not spare: dropped at the door, never queued
+        b.admit(1, cls=priority.SHADOW)  # a job or two waiting: still spare (moderate load)
+        queued.append(asyncio.ensure_future(a.submit("one too many", 1)))
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded):  # queues growing: dropped at the door, never queued
             b.admit(1, cls=priority.SHADOW)
         release.set()
-        await asyncio.gather(first, queued)
+        await asyncio.gather(first, *queued)
         # admitted while spare, then held behind interactive work past its wait: dropped
         release.clear()
         blocker = asyncio.ensure_future(a.submit("z", 1))

@@ -139,3 +139,15 @@ def test_dropping_the_candidate_stops_its_rollout(model_dir):
     repository.set_candidate(model_dir, "digits", None)
     fam = repository.read(model_dir).families["digits"]
     assert fam.candidate is None and fam.rollout.state == "stopped"
+
+
+def test_a_refused_promotion_puts_the_old_versions_back_and_says_why(model_dir):
+    fam = repository.raw(model_dir)["families"]["digits"]
+    active, previous = fam["active"], fam["previous"]
+    repository.set_candidate(model_dir, "digits", previous)
+    repository.start_rollout(model_dir, "digits", {"id": "r9", "candidate": previous, "started": 0})
+    repository.decide_rollout(model_dir, "digits", "r9", "promoted", "within every limit")
+    repository.undo_promotion(model_dir, "digits", "r9", active, previous, "failed")
+    after = repository.read(model_dir).families["digits"]
+    assert (after.active, after.previous, after.candidate) == (active, previous, None)
+    assert after.rollout.state == "rolled_back" and after.rollout.reason == "promotion failed: failed"
