@@ -37,7 +37,7 @@ def server(tmp_path_factory):
 
 def test_the_readme_rollout_block_runs_and_answers_what_it_says(server, tmp_path):
     todo = steps()
-    assert sum(len(expected) for _, expected in todo) >= 6
+    assert sum(len(expected) for _, expected in todo) >= 5
     host = server.url.removeprefix("http://")
     script = ["set -euo pipefail", "export DEEPSERVE_ADMIN_KEY=readme-admin-key"]
     for i, (command, _) in enumerate(todo):
