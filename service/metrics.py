@@ -45,6 +45,8 @@ REQUEST_BUCKETS = (
 )
 ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 CONFIDENCE_BUCKETS = (0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 1.0)
+CONFIDENCE_DELTA_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
+PSNR_BUCKETS = (5, 10, 15, 20, 25, 30, 35, 40, 50, 60, 100)
 STAGES = ("read", "decode", "queue", "infer", "encode", "total")
 
 
@@ -163,7 +165,7 @@ def get() -> SimpleNamespace:
             "deepserve_shadow_confidence_delta",
             "|candidate's top-1 probability - active version's| per compared row (classifiers)",
             ["family"],
-            buckets=(0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0),
+            buckets=CONFIDENCE_DELTA_BUCKETS,
         ),
         shadow_ood_flips=prom.Counter(
             "deepserve_shadow_ood_flips",
@@ -174,7 +176,7 @@ def get() -> SimpleNamespace:
             "deepserve_shadow_psnr_db",
             "PSNR between the versions' outputs for the same input and seed (generator, codec, denoiser)",
             ["family"],
-            buckets=(5, 10, 15, 20, 25, 30, 35, 40, 50, 60, 100),
+            buckets=PSNR_BUCKETS,
         ),
         rollout_agreement=prom.Gauge(
             "deepserve_rollout_agreement",
@@ -204,6 +206,9 @@ class Aggregator:
         "stage": SECONDS_BUCKETS,
         "confidence": CONFIDENCE_BUCKETS,
         "class_wait": SECONDS_BUCKETS,
+        "rollout_latency": SECONDS_BUCKETS,
+        "shadow_confidence_delta": CONFIDENCE_DELTA_BUCKETS,
+        "shadow_psnr": PSNR_BUCKETS,
     }
 
     def __init__(self):
@@ -296,7 +301,7 @@ def watch_gate(gate) -> None:
 
 
 def priority_shed(model: str, cls: int) -> None:
-    get().class_shed.labels(priority.CLASSES[cls]).inc()
+    aggregate.inc("class_shed", (priority.CLASSES[cls],))
 
 
 def reject(endpoint: str, reason: str) -> None:

@@ -45,6 +45,7 @@ from service.runtime import Model
 from service.tasks import TASKS
 
 log = logging.getLogger("deepserve")
+agg = metrics.aggregate  # per-request metrics are summed in memory and written about once a second
 FIELDS = (
     "primary_requests",
     "primary_errors",
@@ -274,11 +275,11 @@ class Rollouts:
         fields = {f"{side}_requests": 1, f"{side}_errors": 0 if ok else 1}
         if ok:
             fields.update({f"{side}_compute_s": compute, f"{side}_rows": job.rows})
-            metrics.get().rollout_latency.labels(family, role).observe(compute)
+            agg.observe("rollout_latency", (family, role), compute)
         if role == "canary":
             fields["canary_requests"] = 1
         self._add(family, **fields)
-        metrics.get().rollout_requests.labels(family, role, "ok" if ok else "error").inc()
+        agg.inc("rollout_requests", (family, role, "ok" if ok else "error"))
 
     def mirror(self, model: Model, decode, result: Any, req, tensors: bool = False) -> None:
         """Maybe mirror a request the active version answered to the candidate (background,
@@ -319,8 +320,8 @@ class Rollouts:
         """A mirror dropped (`shed`: at the door here; otherwise the batcher counted its shed)."""
         self._add(family, shadow_dropped=1)
         if shed:
-            metrics.get().class_shed.labels("shadow").inc()
-        metrics.get().rollout_requests.labels(family, "shadow", "dropped").inc()
+            agg.inc("class_shed", ("shadow",))
+        agg.inc("rollout_requests", (family, "shadow", "dropped"))
 
     async def _shadow(self, r: Rollout, model: Model, cand: Model, batcher, decode, primary: Any, ctx) -> None:
         family = model.family
@@ -355,24 +356,23 @@ class Rollouts:
             candidate_rows=job.rows,
             **fields,
         )
-        m = metrics.get()
-        m.rollout_requests.labels(family, "shadow", "ok").inc()
-        m.rollout_latency.labels(family, "shadow").observe(compute)
+        agg.inc("rollout_requests", (family, "shadow", "ok"))
+        agg.observe("rollout_latency", (family, "shadow"), compute)
         rows, agree = fields.get("compared_rows", 0), fields.get("agree_rows", 0)
         if agree:
-            m.shadow_rows.labels(family, "true").inc(agree)
+            agg.inc("shadow_rows", (family, "true"), agree)
         if rows - agree:
-            m.shadow_rows.labels(family, "false").inc(rows - agree)
+            agg.inc("shadow_rows", (family, "false"), rows - agree)
         if "confidence_delta_sum" in fields and rows:
-            m.shadow_confidence_delta.labels(family).observe(fields["confidence_delta_sum"] / rows)
+            agg.observe("shadow_confidence_delta", (family,), fields["confidence_delta_sum"] / rows)
         if fields.get("ood_flips"):
-            m.shadow_ood_flips.labels(family).inc(fields["ood_flips"])
+            agg.inc("shadow_ood_flips", (family,), fields["ood_flips"])
         if fields.get("psnr_rows"):
-            m.shadow_psnr.labels(family).observe(fields["psnr_sum"] / fields["psnr_rows"])
+            agg.observe("shadow_psnr", (family,), fields["psnr_sum"] / fields["psnr_rows"])
 
     def _failed(self, family: str, model: Model, cand: Model, exc: Exception) -> None:
         self._add(family, shadow_failed=1, candidate_requests=1, candidate_errors=1)
-        metrics.get().rollout_requests.labels(family, "shadow", "error").inc()
+        agg.inc("rollout_requests", (family, "shadow", "error"))
         log.warning("shadow request to %s %s failed: %s", model.name, cand.version, str(exc)[:200])
 
     async def _reconstructions(self, model: Model, cand: Model, codes: Any, cand_codes: Any):
