@@ -91,6 +91,7 @@ class Batcher:
         self.cost = CostModel()
         self.queues: tuple[collections.deque[_Pending], ...] = tuple(collections.deque() for _ in priority.CLASSES)
         self.rows_by_class = [0] * len(priority.CLASSES)
+        self.n_queued = 0  # requests queued, every class
         self.last_start = [0.0] * len(priority.CLASSES)  # when each class's last batch started
         self.running_until = 0.0  # predicted end of the batch in flight (monotonic)
         self._wake: asyncio.Event | None = None
@@ -106,13 +107,15 @@ class Batcher:
         return sum(self.rows_by_class)
 
     def idle(self) -> bool:
-        return not any(self.queues) and not self.running_until
+        return not self.n_queued and not self.running_until
 
     def predicted_wait(self, rows: int, cls: int = priority.INTERACTIVE) -> float:
         """Seconds a request of `rows` rows and class `cls` would wait and run if it arrived
         now: the batch in flight, then what is queued at its class or above."""
-        ahead = sum(len(q) for q in self.queues[: cls + 1])
-        ahead_rows = sum(self.rows_by_class[: cls + 1])
+        if cls == priority.INTERACTIVE:
+            ahead, ahead_rows = len(self.queues[0]), self.rows_by_class[0]
+        else:
+            ahead, ahead_rows = sum(map(len, self.queues[: cls + 1])), sum(self.rows_by_class[: cls + 1])
         batches_ahead = -(-ahead // self.max_batch_size) + 1
         if self.max_batch_rows:
             batches_ahead = max(batches_ahead, -(-ahead_rows // self.max_batch_rows) + 1)
@@ -127,6 +130,8 @@ class Batcher:
             if not self.gate.spare() or any(self.queues[: priority.SHADOW]):
                 self._count_shed(cls)
                 raise Overloaded(f"{self.name}: no spare capacity for shadow work")
+            return
+        if not self.n_queued:  # nothing queued: nobody to be late behind, nothing to shed
             return
         if any(self.queues[: cls + 1]) and spent_s + self.predicted_wait(rows, cls) > self.max_latency_s:
             self._count_shed(cls)
@@ -153,6 +158,7 @@ class Batcher:
             self.on_shed(self.name, cls)
 
     def _left_queue(self, p: _Pending, cls: int) -> None:
+        self.n_queued -= 1
         self.rows_by_class[cls] -= p.rows
         self.gate.finished(cls, queued=True)
 
@@ -171,6 +177,7 @@ class Batcher:
             self._loop_task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.name}")
         fut = asyncio.get_running_loop().create_future()
         self.queues[cls].append(_Pending(job, rows, fut, time.monotonic(), alive))
+        self.n_queued += 1
         self.rows_by_class[cls] += rows
         self.gate.queued(cls)
         self._wake.set()
@@ -200,6 +207,7 @@ class Batcher:
                 self._left_queue(p, cls)
                 p.future.set_exception(Overloaded(f"{self.name}: shadow work waited too long"))
                 continue
+            self.n_queued -= 1
             self.rows_by_class[cls] -= p.rows
             batch.append(p)
             taken += p.rows
@@ -223,7 +231,8 @@ class Batcher:
     def _pick(self) -> int:
         """The class of the next batch: the highest waiting, unless a batch-class head has
         waited the gate's max wait (no starvation; shadow work never ages, it is dropped)."""
-        top = next(i for i, q in enumerate(self.queues) if q)
+        q0, q1 = self.queues[0], self.queues[1]
+        top = 0 if q0 else 1 if q1 else 2
         aged = self.queues[priority.BATCH] and time.monotonic() - self._since(priority.BATCH) >= self.gate.max_wait_s
         return priority.BATCH if top == priority.INTERACTIVE and aged else top
 
@@ -252,7 +261,7 @@ class Batcher:
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            while not any(self.queues):
+            while not self.n_queued:
                 self._wake.clear()
                 await self._wake.wait()
             cls = self._pick()
