@@ -133,9 +133,12 @@ class Batcher:
             return
         if not self.n_queued:  # nothing queued: nobody to be late behind, nothing to shed
             return
-        if any(self.queues[: cls + 1]) and spent_s + self.predicted_wait(rows, cls) > self.max_latency_s:
+        own = len(self.queues[0]) if cls == priority.INTERACTIVE else sum(map(len, self.queues[: cls + 1]))
+        if own and spent_s + self.predicted_wait(rows, cls) > self.max_latency_s:
             self._count_shed(cls)
             raise Overloaded(f"{self.name} is overloaded: the request would wait too long")
+        if own == self.n_queued:  # no lower-class work queued: nothing to make room with
+            return
         # the whole queue past the limit: lower classes make room, lowest and newest first
         while spent_s + self.predicted_wait(rows, priority.SHADOW) > self.max_latency_s and self._shed_lower(cls):
             pass
@@ -297,7 +300,10 @@ class Batcher:
 
     def _run(self, jobs: list[Any], rows: int, cls: int = priority.INTERACTIVE) -> Sequence[Any]:
         start = time.perf_counter()
-        with priority.running_as(cls):
+        if cls:  # this batch thread runs lower-class work (metrics leave shadow runs out)
+            with priority.running_as(cls):
+                results = self.fn(jobs)
+        else:
             results = self.fn(jobs)
         seconds = time.perf_counter() - start
         if len(results) != len(jobs):  # the batching contract: one result per request

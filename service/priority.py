@@ -68,6 +68,7 @@ class Gate:
         self.waiting = [0] * len(CLASSES)  # jobs queued, not yet in a batch, per class
         self.aged = [0] * len(CLASSES)  # lower-class batches that went ahead after max_wait_s
         self._changed = asyncio.Event()
+        self._watched = False  # a batcher waits on _changed (else finishing costs no event)
 
     def queued(self, cls: int, n: int = 1) -> None:
         self.demand[cls] += n
@@ -82,9 +83,9 @@ class Gate:
         self.demand[cls] -= n
         if queued:
             self.waiting[cls] -= n
-        if cls < SHADOW and not any(self.demand[: cls + 1]):
+        if self._watched and cls < SHADOW and not any(self.demand[: cls + 1]):
             self._changed.set()  # lower-class batches may go now
-            self._changed = asyncio.Event()
+            self._changed, self._watched = asyncio.Event(), False
 
     def spare(self) -> bool:
         """Spare capacity for shadow work: at most SPARE_QUEUE higher-class jobs wait for a batch
@@ -97,6 +98,7 @@ class Gate:
 
     def changed(self) -> asyncio.Event:
         """Set the next time higher-class demand drops to zero."""
+        self._watched = True
         return self._changed
 
     def snapshot(self) -> dict:
