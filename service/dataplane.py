@@ -40,10 +40,11 @@ async def infer(
     one signature) a candidate whose signature differs gets no share of it. NotServed,
     ApiError and Overloaded propagate to the app's one error table."""
     core = app.core
-    cls = priority_of(req)
+    cls = priority_of(req) if req.header("x-priority") else priority.INTERACTIVE
     model, batcher = core.resolve(name, version)
     rollouts, role = core.rollouts, "primary"
-    if rollouts.running and version is None and model.family in rollouts.running and rollouts.canary(model.family, req):
+    running = rollouts.running and model.family in rollouts.running
+    if running and version is None and rollouts.canary(model.family, req):
         target = core.candidate(name)
         if target is not None and not (tensors and target[0].meta.inputs != model.meta.inputs):
             (model, batcher), role = target, "canary"
@@ -58,7 +59,7 @@ async def infer(
                 "deepserve.rows": job.rows,
             }
         submitted = time.perf_counter()
-        if model.family in rollouts.running:
+        if running:
             try:
                 result = await batcher.submit(job, job.rows, req.alive, submitted - req.start, cls)
             except (Overloaded, ClientGone, asyncio.CancelledError, TimeoutError):
@@ -71,7 +72,8 @@ async def infer(
                 rollouts.mirror(model, decode, result, req, tensors)
         else:
             result = await batcher.submit(job, job.rows, req.alive, submitted - req.start, cls)
-    metrics.aggregate.observe("class_wait", (priority.CLASSES[cls],), job.queued_s)
+    if cls:  # the interactive class's wait is deepserve_stage_seconds{stage="queue"} (no second write per request)
+        metrics.aggregate.observe("class_wait", (priority.CLASSES[cls],), job.queued_s)
     req.stage("queue", submitted, job.queued_s)
     req.stage("infer", submitted + job.queued_s, job.infer_s)
     started = time.perf_counter()

@@ -126,7 +126,8 @@ def get() -> SimpleNamespace:
         # priority classes (service.priority)
         class_wait=prom.Histogram(
             "deepserve_priority_wait_seconds",
-            "time a model request waited for its batch, by priority class",
+            "time a batch-class model request waited for its batch (the interactive class's wait is "
+            "deepserve_stage_seconds{stage=\"queue\"})",
             ["class"],
             buckets=SECONDS_BUCKETS,
         ),
