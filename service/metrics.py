@@ -127,7 +127,7 @@ def get() -> SimpleNamespace:
         class_wait=prom.Histogram(
             "deepserve_priority_wait_seconds",
             "time a batch-class model request waited for its batch (the interactive class's wait is "
-            "deepserve_stage_seconds{stage=\"queue\"})",
+            'deepserve_stage_seconds{stage="queue"})',
             ["class"],
             buckets=SECONDS_BUCKETS,
         ),

@@ -156,9 +156,12 @@ def test_a_candidate_is_held_by_every_worker_and_answers_only_when_pinned(server
         server.url + "/classify", files={"image": ("7.png", SEVEN, "image/png")}, data={"model_version": TWIN}
     )
     assert pinned.status_code == 200 and pinned.json()["model_version"] == TWIN
-    assert TWIN in next(m for m in httpx.get(server.url + "/models").json()["models"] if m["name"] == "digits")[
-        "versions"
-    ]["loaded"]
+    assert (
+        TWIN
+        in next(m for m in httpx.get(server.url + "/models").json()["models"] if m["name"] == "digits")["versions"][
+            "loaded"
+        ]
+    )
     r = admin(server, "DELETE", "candidate")
     assert r.status_code == 200 and r.json()["dropped"] == TWIN
     assert all(w["families"]["digits"]["candidate"] is None for w in status(server)["workers"])
@@ -186,11 +189,13 @@ def test_shadow_then_canary_then_automatic_promotion_under_load_fails_no_request
         r = admin(server, "POST", "rollout", json={"shadow": 1.0})
         assert r.status_code == 200, r.text
         live = wait_until(
-            lambda: (status(server)["families"]["digits"]["rollout"].get("live") or {}).get("summary", {}).get(
-                "evidence_requests", 0
-            )
-            >= 20
-            and status(server)["families"]["digits"]["rollout"]["live"],
+            lambda: (
+                (status(server)["families"]["digits"]["rollout"].get("live") or {})
+                .get("summary", {})
+                .get("evidence_requests", 0)
+                >= 20
+                and status(server)["families"]["digits"]["rollout"]["live"]
+            ),
             60,
             "the shadow compared nothing",
         )
@@ -246,8 +251,10 @@ def test_a_candidate_that_disagrees_on_photographed_digits_is_rolled_back(server
         )
         assert r.status_code == 200, r.text
         decided = wait_until(
-            lambda: status(server)["families"]["digits"]["rollout"]["state"] != "running"
-            and status(server)["families"]["digits"]["rollout"],
+            lambda: (
+                status(server)["families"]["digits"]["rollout"]["state"] != "running"
+                and status(server)["families"]["digits"]["rollout"]
+            ),
             120,
             "the policy never decided",
         )
