@@ -19,6 +19,7 @@ import httpx
 import numpy as np
 import pytest
 
+from service import rollout
 from tests.conftest import EXPORTED, FIXTURES
 from tests.service.conftest import Server
 from tests.service.test_versions import ADMIN, add_version
@@ -96,9 +97,10 @@ class Clients(threading.Thread):
     """Steady clients, each with its own X-Client-Id, on fresh connections (both workers):
     every answer as (client, status, model_version, label)."""
 
-    def __init__(self, url: str, uploads: list[bytes], clients: int = 8):
+    def __init__(self, url: str, uploads: list[bytes], clients: int = 8, names: list[str] | None = None):
         super().__init__(daemon=True)
         self.url, self.uploads, self.clients = url, uploads, clients
+        self.names = names or [f"client-{i}" for i in range(clients)]
         self.stop = threading.Event()
         self.answers: list[tuple[int, object, str | None, str | None]] = []
 
@@ -119,7 +121,7 @@ class Clients(threading.Thread):
                     r = c.post(
                         self.url + "/classify",
                         files={"image": ("x.img", upload, "application/octet-stream")},
-                        headers={"X-Client-Id": f"client-{i}"},
+                        headers={"X-Client-Id": self.names[i]},
                     )
                     body = r.json()
                     self.answers.append((i, r.status_code, body.get("model_version"), body.get("label")))
@@ -240,16 +242,20 @@ def test_a_candidate_that_disagrees_on_photographed_digits_is_rolled_back(server
     before = active(server)
     r = admin(server, "POST", "candidate", json={"version": UNFRAMED, "allow_below_bars": True})
     assert r.status_code == 200, r.text
-    traffic = Clients(server.url, photos)
+    r = admin(
+        server,
+        "POST",
+        "rollout",
+        json={"shadow": 1.0, "canary": 0.25, "policy": {"min_requests": 100, "min_agreement": 0.9}},
+    )
+    assert r.status_code == 200, r.text
+    # clients chosen by where the rollout puts them: 2 on the canary, 6 on the active version
+    rid, names = r.json()["rollout"]["id"], [f"client-{i}" for i in range(400)]
+    inside = [n for n in names if rollout.canary_point(rid, n) < 0.25][:2]
+    outside = [n for n in names if rollout.canary_point(rid, n) >= 0.25][:6]
+    traffic = Clients(server.url, photos, names=inside + outside)
     traffic.start()
     try:
-        r = admin(
-            server,
-            "POST",
-            "rollout",
-            json={"shadow": 1.0, "canary": 0.25, "policy": {"min_requests": 100, "min_agreement": 0.9}},
-        )
-        assert r.status_code == 200, r.text
         decided = wait_until(
             lambda: (
                 status(server)["families"]["digits"]["rollout"]["state"] != "running"
