@@ -228,7 +228,7 @@ def install(app) -> None:
             if r is None or r.state != "running":
                 raise ApiError(409, f"{family} has no running rollout", "no_rollout")
             async with lock:
-                evidence = core.rollouts.evidence(family)
+                evidence = core.rollouts.evidence(family, r.id)
                 try:
                     await asyncio.to_thread(
                         repository.decide_rollout,
@@ -289,7 +289,7 @@ def install(app) -> None:
         r = entry.rollout
         async with lock:
             if r is not None and r.state == "running":
-                evidence = app.core.rollouts.evidence(family)
+                evidence = app.core.rollouts.evidence(family, r.id)
                 try:
                     await asyncio.to_thread(
                         repository.decide_rollout,
@@ -345,7 +345,7 @@ def install(app) -> None:
         for f, e in manifest.families.items():
             families[f] = e.model_dump()
             if e.rollout is not None and e.rollout.state == "running":
-                families[f]["rollout"]["live"] = app.core.rollouts.evidence(f)
+                families[f]["rollout"]["live"] = app.core.rollouts.evidence(f, e.rollout.id)
         return json_response({"families": families, "workers": worker_states(app.core.directory)})
 
     routes = {

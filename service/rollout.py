@@ -190,7 +190,7 @@ class Rollouts:
         self.dirty: set[str] = set()
         self.inflight = 0
         self._tasks: set[asyncio.Task] = set()
-        self._evidence: dict[str, tuple[float, dict]] = {}  # family -> (when, evidence): /models reads it often
+        self._evidence: dict[str, tuple[float, str, dict]] = {}  # family -> (when, rollout id, evidence): /models reads it often
         self.worker = "0"
 
     # ---- following the manifest
@@ -237,7 +237,7 @@ class Rollouts:
     def totals(self, rollout_id: str) -> dict[str, float]:
         """Every worker's saved tally for a rollout, summed (this worker's as it is now)."""
         total = dict.fromkeys(FIELDS, 0.0)
-        mine = self._path(rollout_id).name
+        mine = self._path(rollout_id).name if rollout_id in self.tallies else None  # else its file counts
         for path in self.folder().glob(f"rollout-{rollout_id}--*.json"):
             if path.name == mine:
                 continue
@@ -389,17 +389,20 @@ class Rollouts:
 
     # ---- the decision (every worker checks; the first to write it decides)
 
-    def evidence(self, family: str, max_age_s: float = 1.0) -> dict | None:
-        """Every worker's tally for the family's running rollout, summed (cached `max_age_s`)."""
+    def evidence(self, family: str, rollout_id: str | None = None, max_age_s: float = 1.0) -> dict | None:
+        """Every worker's tally for the family's running rollout (or `rollout_id`, the one the
+        manifest names, which this worker may not follow yet: then the saved tallies alone),
+        summed and cached `max_age_s`."""
         r = self.running.get(family)
-        if r is None:
+        rollout_id = rollout_id or (r.id if r is not None else None)
+        if rollout_id is None:
             return None
         cached = self._evidence.get(family)
-        if cached is not None and time.monotonic() - cached[0] < max_age_s:
-            return cached[1]
-        totals = self.totals(r.id)
+        if cached is not None and cached[1] == rollout_id and time.monotonic() - cached[0] < max_age_s:
+            return cached[2]
+        totals = self.totals(rollout_id)
         out = {"tally": totals, "summary": summary(totals)}
-        self._evidence[family] = (time.monotonic(), out)
+        self._evidence[family] = (time.monotonic(), rollout_id, out)
         return out
 
     async def check(self, follower) -> None:

@@ -134,7 +134,7 @@ def registry(app) -> dict:
 
 def rollout_view(core, family: str, r) -> dict:
     """A rollout as /models shows it: shares, state, decision, and its numbers so far."""
-    live = core.rollouts.evidence(family) if r.state == "running" else r.evidence
+    live = core.rollouts.evidence(family, r.id) if r.state == "running" else r.evidence
     return {
         "id": r.id,
         "candidate": r.candidate,

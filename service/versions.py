@@ -1,8 +1,8 @@
 """Model versions in a running service: every worker follows the manifest.
 
 The manifest (`exported/manifest.json`) says which version of each family is active and
-which was before; it is the one source of truth. Each worker polls it (a stat every
-`DEEPSERVE_MANIFEST_POLL_S`) and, when a family's active version changes, loads and checks
+which was before; it is the one source of truth. Each worker polls it (a read and digest of
+its few kB every `DEEPSERVE_MANIFEST_POLL_S`) and, when a family's active version changes, loads and checks
 that version exactly as at start-up (sha256s, ONNX Runtime, signatures against their tasks,
 the smoke set, a warm-up), then switches between requests: requests in flight finish on
 the version they started with. It keeps the active and the previous version loaded, so a
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import signal
@@ -66,10 +67,12 @@ class Follower:
         self._last_write = 0.0
         self._task: asyncio.Task | None = None
 
-    def _stamp(self) -> tuple[int, int] | None:
+    def _stamp(self) -> bytes | None:
+        """The manifest's content digest: two writes within one tick of the file clock, of
+        the same size, or onto a recycled inode still differ here (stat fields alone missed
+        such changes); the file is a few kB, read once per poll."""
         try:
-            st = self.path.stat()
-            return st.st_mtime_ns, st.st_size
+            return hashlib.blake2b(self.path.read_bytes(), digest_size=16).digest()
         except OSError:
             return None
 

@@ -58,3 +58,23 @@ def test_an_invalid_change_is_refused_and_leaves_the_manifest_as_it_was(tmp_path
     with pytest.raises(ValidationError):
         repository.set_active(directory, "digits", "no-such-version", None)
     assert (directory / "manifest.json").read_text() == before
+
+
+def test_a_worker_notices_every_manifest_change_even_one_the_file_clock_cannot_see(tmp_path):
+    """Two writes of the same size within one tick of the file clock (the same mtime): a
+    worker that compared stat fields missed the second; it must see every change."""
+    import os
+    from types import SimpleNamespace
+
+    from service.versions import Follower
+
+    path = tmp_path / "manifest.json"
+    path.write_text('{"candidate": "2099-01-01-aaaa"}')
+    follower = Follower(SimpleNamespace(directory=tmp_path, rollouts=SimpleNamespace()), poll_s=1.0)
+    first = follower._stamp()
+    st = path.stat()
+    path.write_text('{"candidate": "2099-01-01-bbbb"}')  # same size
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the same mtime
+    assert follower._stamp() != first
+    path.write_text('{"candidate": "2099-01-01-aaaa"}')
+    assert follower._stamp() == first  # the same content is no change

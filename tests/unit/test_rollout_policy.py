@@ -151,3 +151,24 @@ def test_a_refused_promotion_puts_the_old_versions_back_and_says_why(model_dir):
     after = repository.read(model_dir).families["digits"]
     assert (after.active, after.previous, after.candidate) == (active, previous, None)
     assert after.rollout.state == "rolled_back" and after.rollout.reason == "promotion failed: failed"
+
+
+def test_live_evidence_counts_every_saved_tally_once_even_before_this_worker_follows_the_rollout(tmp_path):
+    """A worker that has not synced the manifest's rollout yet (just started, or replaced after
+    a crash) still answers with every saved tally, its own predecessor's included; once it
+    follows the rollout, its own file is replaced by what it holds in memory, never added twice."""
+    from types import SimpleNamespace
+
+    status = tmp_path / ".status"
+    status.mkdir()
+    for worker, n in (("w0", 30), ("w1", 12)):
+        tally = {"primary_requests": n, "shadow_compared": n, "agree_rows": n, "compared_rows": n}
+        (status / f"rollout-R--{worker}.json").write_text(json.dumps({"tally": tally}))
+    r = rollout.Rollouts(SimpleNamespace(directory=tmp_path, candidates={}), None)
+    r.worker = "w0"
+    assert r.evidence("digits") is None  # it knows of no rollout
+    live = r.evidence("digits", "R", max_age_s=0)
+    assert live["tally"]["shadow_compared"] == 42 and live["summary"]["evidence_requests"] == 42
+    r.tallies["R"] = r._load("R")  # what following the rollout does: continue its own file
+    r.tallies["R"]["shadow_compared"] += 5
+    assert r.evidence("digits", "R", max_age_s=0)["tally"]["shadow_compared"] == 47
