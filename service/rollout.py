@@ -190,7 +190,9 @@ class Rollouts:
         self.dirty: set[str] = set()
         self.inflight = 0
         self._tasks: set[asyncio.Task] = set()
-        self._evidence: dict[str, tuple[float, str, dict]] = {}  # family -> (when, rollout id, evidence): /models reads it often
+        self._evidence: dict[
+            str, tuple[float, str, dict]
+        ] = {}  # family -> (when, rollout id, evidence): /models reads it often
         self.worker = "0"
 
     # ---- following the manifest

@@ -198,6 +198,7 @@ def test_shadow_then_canary_then_automatic_promotion_under_load_fails_no_request
     try:
         r = admin(server, "POST", "rollout", json={"shadow": 1.0})
         assert r.status_code == 200, r.text
+
         def compared() -> dict | None:
             live = rollout_now(server).get("live") or {}
             return live if live.get("summary", {}).get("evidence_requests", 0) >= 20 else None
@@ -282,7 +283,9 @@ def test_a_candidate_that_disagrees_on_photographed_digits_is_rolled_back(server
     primary = [a for a in answers if a[2] == before]
     canary = [a for a in answers if a[2] == UNFRAMED]
     assert primary and canary, (len(primary), len(canary))
-    right = {v: np.mean([a[3] == labels[a[4]] for a in group]) for v, group in (("primary", primary), ("canary", canary))}
+    right = {
+        v: np.mean([a[3] == labels[a[4]] for a in group]) for v, group in (("primary", primary), ("canary", canary))
+    }
     assert right["primary"] >= 0.8 and right["canary"] <= 0.5, right
     metrics = httpx.get(server.url + "/metrics").text
     assert 'deepserve_rollout_decisions_total{by="policy",decision="rolled_back",family="digits"}' in metrics
