@@ -13,8 +13,11 @@ for a queue. The rules, in the order a request meets them:
    its own class or above: one that would be late is shed (503 with Retry-After). When the
    whole queue would make it late, queued requests of lower classes are shed first (shadow,
    then batch, newest first, counted by class). Shadow work is admitted only in spare
-   capacity (at most SPARE_QUEUE higher-class jobs waiting anywhere in the worker, and at most
-   `shadow_max_inflight` mirrors in flight); otherwise it is dropped, never queued.
+   capacity (at most SPARE_QUEUE higher-class jobs waiting anywhere in the worker, at most
+   `shadow_max_inflight` mirrors in flight, and within the worker's shadow CPU budget,
+   `shadow_cpu_share` of a core on average: ShadowBudget); otherwise it is dropped, never
+   queued. Spare queue capacity alone let a 100% shadow add half a request's CPU to every
+   request at moderate load, where nothing queues but every core is shared.
 2. Batches hold one class; a batcher takes its highest waiting class first.
 3. The gate (this module), before every batch: an interactive batch starts at once; a
    lower-class batch waits while any higher-class job is queued or running anywhere in this
@@ -32,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from collections.abc import Iterator
 
 CLASSES = ("interactive", "batch", "shadow")
@@ -106,3 +110,39 @@ class Gate:
             c: {"queued_or_running": self.demand[i], "queued": self.waiting[i], "aged_batches": self.aged[i]}
             for i, c in enumerate(CLASSES)
         }
+
+
+class ShadowBudget:
+    """The CPU a worker's shadow work may use: `share` of one core on average, as a token
+    bucket of CPU seconds (refilled at `share` per second, holding at most `burst_s`).
+
+    A mirror is admitted while the bucket is not empty and is charged at once what a mirror of
+    that model has cost lately (`estimate`); when it has run, the charge is corrected to what
+    it really cost (its share of the batch's run, plus any decoding it did). So at low load
+    every request can be mirrored, at moderate load a sample is, and however many mirrors are
+    in flight they never take more than the budget from clients."""
+
+    def __init__(self, share: float, burst_s: float = 0.02, clock=time.monotonic):
+        self.share, self.burst_s, self.clock = share, burst_s, clock
+        self.level, self.at = burst_s, clock()
+        self.costs: dict[str, float] = {}  # model -> recent cost of one mirror (EWMA, seconds)
+
+    def _refill(self) -> None:
+        now = self.clock()
+        self.level = min(self.burst_s, self.level + (now - self.at) * self.share)
+        self.at = now
+
+    def admit(self, model: str) -> float | None:
+        """The charge for one mirror of `model`, or None: the budget is spent, drop it."""
+        self._refill()
+        if self.level <= 0:
+            return None
+        charge = self.costs.get(model, 0.0)
+        self.level -= charge
+        return charge
+
+    def settle(self, model: str, charged: float, cost: float) -> None:
+        """A mirror ran and cost `cost` CPU seconds (it was charged `charged` when admitted)."""
+        self.level -= cost - charged
+        before = self.costs.get(model)
+        self.costs[model] = cost if before is None else 0.8 * before + 0.2 * cost

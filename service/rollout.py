@@ -7,8 +7,10 @@ service.repository) says what it gets:
     shadow  a share of the family's live requests is mirrored to the candidate after the
             client's answer is on its way: built from the candidate's own metadata (the same
             body decoded again; a generator request keeps its seed), run at the `shadow`
-            priority class (spare capacity only, dropped first, never queued at saturation),
-            and compared with the active version's answer. A shadow failure reaches no client.
+            priority class (spare capacity only, dropped first, never queued at saturation,
+            and within the worker's shadow CPU budget, DEEPSERVE_SHADOW_CPU_SHARE of a core:
+            a 100% shadow is sampled down as load rises), and compared with the active
+            version's answer. A shadow failure reaches no client.
     canary  a share of the family's clients (sticky: a hash of the rollout id and the client
             key, so a client keeps its version for the whole rollout) is answered by the
             candidate; answers carry its `model_version`. Pinned versions get what they pin.
@@ -189,6 +191,7 @@ class Rollouts:
         self.tallies: dict[str, dict[str, float]] = {}  # rollout id -> this worker's tally
         self.dirty: set[str] = set()
         self.inflight = 0
+        self.budget = priority.ShadowBudget(getattr(settings, "shadow_cpu_share", 0.05))
         self._tasks: set[asyncio.Task] = set()
         self._evidence: dict[
             str, tuple[float, str, dict]
@@ -297,9 +300,12 @@ class Rollouts:
         # spare capacity only: a shadow must never take a slot in the decode pool a client needs
         if self.inflight >= self.settings.shadow_max_inflight or not self.core.gate.spare() or self.core.decode_backlog:
             return self._dropped(model.family, shed=True)
+        charge = self.budget.admit(cand.name)  # and within the worker's shadow CPU budget
+        if charge is None:
+            return self._dropped(model.family, shed=True)
         self.inflight += 1
         task = asyncio.get_running_loop().create_task(
-            self._shadow(r, model, cand, batcher, decode, result, req.detached())
+            self._shadow(r, model, cand, batcher, decode, result, req.detached(), charge)
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -325,13 +331,18 @@ class Rollouts:
             agg.inc("class_shed", ("shadow",))
         agg.inc("rollout_requests", (family, "shadow", "dropped"))
 
-    async def _shadow(self, r: Rollout, model: Model, cand: Model, batcher, decode, primary: Any, ctx) -> None:
-        family = model.family
+    async def _shadow(
+        self, r: Rollout, model: Model, cand: Model, batcher, decode, primary: Any, ctx, charge: float
+    ) -> None:
+        family, cost = model.family, [0.0]  # CPU seconds: decoding (wall, an upper bound) + model runs
         try:
+            started = time.perf_counter()
             job = await decode(cand, ctx)  # the candidate's own metadata builds its request
+            cost[0] += time.perf_counter() - started
             result = await batcher.submit(job, job.rows, None, 0.0, priority.SHADOW)
+            cost[0] += job.infer_s * job.rows / max(getattr(job, "batch_rows", job.rows), 1)
             if model.task == "image-compression-encoder":  # codes differ by version: compare what they decode to
-                primary, result = await self._reconstructions(model, cand, primary, result)
+                primary, result = await self._reconstructions(model, cand, primary, result, cost)
         except (Overloaded, ClientGone):
             return self._dropped(family)
         except ApiError as exc:
@@ -344,6 +355,7 @@ class Rollouts:
             return
         finally:
             self.inflight -= 1
+            self.budget.settle(cand.name, charge, cost[0])
         current = self.running.get(family)
         if current is None or current.id != r.id:  # the rollout ended meanwhile
             return
@@ -377,8 +389,9 @@ class Rollouts:
         agg.inc("rollout_requests", (family, "shadow", "error"))
         log.warning("shadow request to %s %s failed: %s", model.name, cand.version, str(exc)[:200])
 
-    async def _reconstructions(self, model: Model, cand: Model, codes: Any, cand_codes: Any):
-        """Both versions' codes through their own decoders, at the shadow class."""
+    async def _reconstructions(self, model: Model, cand: Model, codes: Any, cand_codes: Any, cost: list[float]):
+        """Both versions' codes through their own decoders, at the shadow class (their runs
+        added to `cost`)."""
         decoder = model.meta.pair
         if not isinstance(codes, list) or not decoder:
             raise ValueError("compression shadows compare route answers only")
@@ -387,6 +400,7 @@ class Rollouts:
             dec, batcher = self.core.resolve(decoder, version_model.version)
             job = TASKS[dec.task].job(dec, version_codes)
             out.append(await batcher.submit(job, job.rows, None, 0.0, priority.SHADOW))
+            cost[0] += job.infer_s * job.rows / max(getattr(job, "batch_rows", job.rows), 1)
         return out[0], out[1]
 
     # ---- the decision (every worker checks; the first to write it decides)

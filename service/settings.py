@@ -170,6 +170,12 @@ class Settings(BaseSettings):
     shadow_max_inflight: int = Field(
         16, ge=1, le=1024, description="most shadow requests in flight per worker; past it a mirror is dropped"
     )
+    shadow_cpu_share: float = Field(
+        0.05,
+        gt=0,
+        le=64,
+        description="cores a worker's shadow work may use on average (model runs of mirrored requests): past it mirrors are dropped, so a 100% shadow is sampled down as load rises (service/priority.py)",
+    )
     rollout_check_s: float = Field(
         1.0, gt=0, le=600, description="how often a worker saves its rollout tally and checks the rollout's policy"
     )

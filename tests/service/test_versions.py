@@ -155,8 +155,11 @@ def make_active(server, model_dir, version: str) -> None:
     another having run first, in any order."""
     repository.set_active(model_dir, "digits", version, OLD if version != OLD else None)
     deadline = time.monotonic() + 30
-    while digits_version(server) != version:
-        assert time.monotonic() < deadline, "the workers never followed the manifest"
+    while True:  # every worker, not only the one that answers: a slower one would serve the old version
+        workers = httpx.get(f"{server.url}/admin/status", headers=ADMIN, timeout=30).json()["workers"]
+        if len(workers) == 2 and all(w["families"]["digits"]["active"] == version for w in workers):
+            return
+        assert time.monotonic() < deadline, f"the workers never followed the manifest: {workers}"
         time.sleep(0.2)
 
 

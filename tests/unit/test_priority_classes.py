@@ -206,3 +206,36 @@ def test_the_gate_counts_every_job_back_to_zero():
 
     gate = asyncio.run(main())
     assert gate.demand == [0, 0, 0] and gate.waiting == [0, 0, 0]
+
+
+def test_the_shadow_budget_holds_shadow_cpu_to_its_share_however_many_mirrors_are_in_flight():
+    """A 100% shadow is sampled down to the budget: mirrors admitted over a simulated minute
+    cost at most `share` of a core (plus one burst), at any offered rate; at a low rate every
+    request is mirrored; many mirrors admitted before any has finished are charged up front."""
+    from service.priority import ShadowBudget
+
+    cost = 0.001  # one mirror's model run, seconds
+    for rate, share in ((50, 0.05), (500, 0.05), (5000, 0.05), (500, 0.2)):
+        now = [0.0]
+        budget = ShadowBudget(share, burst_s=0.02, clock=lambda now=now: now[0])
+        admitted = 0
+        for i in range(rate * 60):
+            now[0] = i / rate
+            charge = budget.admit("digits")
+            if charge is not None:
+                budget.settle("digits", charge, cost)
+                admitted += 1
+        used = admitted * cost / 60
+        assert used <= share + 0.02 / 60 + cost / 60, (rate, share, used)
+        if rate * cost <= share:
+            assert admitted == rate * 60, (rate, admitted)  # spare budget: every request mirrored
+        else:
+            assert used >= 0.9 * share, (rate, share, used)  # and the budget is used, not wasted
+    # in flight: once the cost is known, mirrors admitted together are charged it at admission
+    now = [0.0]
+    budget = ShadowBudget(0.05, burst_s=0.02, clock=lambda: now[0])
+    budget.settle("digits", budget.admit("digits"), cost)
+    held = []
+    while (charge := budget.admit("digits")) is not None:
+        held.append(charge)
+    assert len(held) <= 0.02 / cost + 1, len(held)
