@@ -11,11 +11,12 @@ export DEEPSERVE_DATA_DIR ?= $(abspath ../shared/datasets)
 endif
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: help serve test test-fast lint tools loadtest stress bench bench-framing bench-priority bench-shadow mutants train train-smoke evaluate publish build fixtures settings-table clean gpu-check gpu-verify gpu-stage screenshots image image-gpu test-image-gpu
+.PHONY: help serve test test-fast test-noisy lint tools loadtest stress bench bench-framing bench-priority bench-shadow mutants train train-smoke evaluate publish build fixtures settings-table clean gpu-check gpu-verify gpu-stage screenshots image image-gpu test-image-gpu
 
 help:
 	@echo "make serve        serve exported/ models on $(HOST):$(PORT) (PORT=... to change)"
 	@echo "make test         the whole test suite (starts the real server)"
+	@echo "make test-noisy   the timing-sensitive tests RUNS=5 times in a row beside a busy-loop process"
 	@echo "make train        retrain every model on CPU, then make evaluate (the recorded times add up to ~72 min on 2 cores)"
 	@echo "make train-smoke  every family's --dry-run (one batch, scratch output)"
 	@echo "make evaluate     recompute all metrics from the exported ONNX files"
@@ -95,6 +96,14 @@ bench-shadow: $(VENV)/.dev-installed tools
 
 test-fast: $(VENV)/.dev-installed
 	$(PY) -m pytest -m "unit or contract or export"
+
+# The timing-sensitive tests (marker `timing`) RUNS times in a row, shuffled, with one
+# busy-loop process beside them taking a core: they must hold on a loaded CI machine too.
+RUNS ?= 5
+test-noisy: $(VENV)/.dev-installed tools
+	@$(PY) -c 'while True: pass' & hog=$$!; trap "kill $$hog" EXIT; \
+	for i in $$(seq $(RUNS)); do echo "== run $$i of $(RUNS), beside a busy core"; \
+	  $(PY) -m pytest -m timing -q || exit 1; done
 
 # every family of the registry (training/families.py), never a hand-kept list
 FAMILIES = $(shell $(PY) -m training --list)

@@ -9,9 +9,12 @@ import threading
 import time
 
 import httpx
+import pytest
 
 from tests.container.conftest import docker, production, seeded_models
 from tests.service.test_lifecycle import hammer
+
+pytestmark = pytest.mark.timing  # latency or windows under load: make test-noisy runs these beside a busy core
 
 
 def test_docker_stop_under_load_loses_no_accepted_request(image, tmp_path):

@@ -17,6 +17,8 @@ from service.versions import Follower, status_dir
 from tests.conftest import EXPORTED
 from tests.service.test_versions import add_version
 
+pytestmark = pytest.mark.timing  # latency or windows under load: make test-noisy runs these beside a busy core
+
 ADMIN = {"Authorization": "Bearer admin"}
 
 

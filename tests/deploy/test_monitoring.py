@@ -21,7 +21,7 @@ from tests.service.test_versions import ADMIN, add_version
 PROM = REPO / "deploy" / "prometheus"
 ROLLOUTS, TWIN = ("digits", "generator"), "2099-04-01-twin"
 DASHBOARD = REPO / "deploy" / "grafana" / "deepserve.json"
-pytestmark = require_tools("prometheus", "promtool")
+pytestmark = [pytest.mark.timing, require_tools("prometheus", "promtool")]  # timing: make test-noisy
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess:

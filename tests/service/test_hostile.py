@@ -29,6 +29,8 @@ from PIL import Image
 from tests.conftest import FIXTURES
 from tests.service.conftest import Server
 
+pytestmark = pytest.mark.timing  # latency or windows under load: make test-noisy runs these beside a busy core
+
 SEVEN = (FIXTURES / "mnist_test0_label7.png").read_bytes()
 
 

@@ -7,7 +7,11 @@ import csv
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
+
+pytestmark = pytest.mark.timing  # latency or windows under load: make test-noisy runs these beside a busy core
 
 
 def run_locust(url: str, out, *extra: str) -> subprocess.CompletedProcess:

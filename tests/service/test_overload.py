@@ -17,9 +17,12 @@ import time
 import httpx
 import numpy as np
 import psutil
+import pytest
 
 from tests.conftest import FIXTURES
 from tests.service.conftest import Server
+
+pytestmark = pytest.mark.timing  # latency or windows under load: make test-noisy runs these beside a busy core
 
 SECONDS = float(os.environ.get("DEEPSERVE_STRESS_SECONDS", "10"))
 CONCURRENCY = int(os.environ.get("DEEPSERVE_STRESS_CONCURRENCY", "256"))

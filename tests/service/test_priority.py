@@ -15,6 +15,8 @@ import pytest
 from bench.harness import wrk
 from tests.conftest import FIXTURES, require_tools
 
+pytestmark = pytest.mark.timing  # latency or windows under load: make test-noisy runs these beside a busy core
+
 SEVEN = (FIXTURES / "mnist_test0_label7.png").read_bytes()
 
 

@@ -14,12 +14,13 @@ import time
 
 import httpx
 import psutil
+import pytest
 
 from tests.conftest import FIXTURES, REPO, require_tools
 from tests.service.conftest import Server, free_port
 
 SEVEN = (FIXTURES / "mnist_test0_label7.png").read_bytes()
-pytestmark = require_tools("haproxy")
+pytestmark = [pytest.mark.timing, require_tools("haproxy")]  # timing: make test-noisy
 
 
 def kill_replica(server: Server) -> None:

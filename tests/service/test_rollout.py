@@ -25,6 +25,8 @@ from tests.service.conftest import Server
 from tests.service.test_versions import ADMIN, add_version
 from training import wild
 
+pytestmark = pytest.mark.timing  # latency or windows under load: make test-noisy runs these beside a busy core
+
 SEVEN = (FIXTURES / "mnist_test0_label7.png").read_bytes()
 UNFRAMED = "2026-11-22-646640f0"  # digits before framing: bars met on MNIST, ~10% on photos
 TWIN = "2099-03-01-twin"  # the active digits version under a new id

@@ -22,6 +22,8 @@ from service.runtime import sha256_file
 from tests.conftest import EXPORTED, FIXTURES, manifest
 from tests.service.conftest import Server
 
+pytestmark = pytest.mark.timing  # latency or windows under load: make test-noisy runs these beside a busy core
+
 SEVEN = (FIXTURES / "mnist_test0_label7.png").read_bytes()
 ADMIN = {"Authorization": "Bearer admin-secret"}
 OLD = manifest()["families"]["digits"]["active"]
@@ -212,18 +214,18 @@ def test_a_swap_under_steady_load_drops_nothing_and_every_worker_switches(server
     make_active(server, model_dir, OLD)
     traffic = Traffic(server.url)
     traffic.start()
-    time.sleep(12)
+    time.sleep(4)  # steady answers from the old version first
     start = time.monotonic()
     r = load(server, "digits", "2099-01-01-good")
     done = time.monotonic()
-    time.sleep(max(0, 30 - (done - start) - 12) + 6)
+    time.sleep(4)  # and from the new one after
     answers = traffic.finish()
     assert r.status_code == 200, r.text
     assert {w["worker"].rsplit("-", 1)[1] for w in r.json()["workers"]} == {"1", "2"}
     assert all(w["active"] == "2099-01-01-good" for w in r.json()["workers"])
     statuses = collections.Counter(status for _, status, _ in answers)
     assert set(statuses) == {200}, statuses
-    assert answers[-1][0] - answers[0][0] >= 30 and len(answers) > 300
+    assert answers[-1][0] - answers[0][0] >= 8 + (done - start) and len(answers) > 100
     before = {v for t, _, v in answers if t < start}
     after = {v for t, _, v in answers if t > done + 0.5}
     assert before == {OLD} and after == {"2099-01-01-good"}, (before, after)

@@ -13,6 +13,8 @@ from service.batching import Batcher, CostModel, Overloaded
 from service.errors import ClientGone
 from service.tasks import Job, Task
 
+pytestmark = pytest.mark.timing  # latency or windows under load: make test-noisy runs these beside a busy core
+
 
 def _batcher(fn, **kw):
     pool = concurrent.futures.ThreadPoolExecutor(1)

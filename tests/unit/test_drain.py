@@ -7,6 +7,8 @@ import pytest
 
 from service.drain import accept_queue
 
+pytestmark = pytest.mark.timing  # latency or windows under load: make test-noisy runs these beside a busy core
+
 
 @pytest.mark.skipif(not hasattr(socket, "TCP_INFO"), reason="Linux only")
 def test_accept_queue_counts_waiting_connections_and_leaves_the_fd_open():

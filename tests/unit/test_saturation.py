@@ -3,10 +3,14 @@
 import csv
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 
 sys.path.insert(0, str(REPO / "loadtests"))
 import saturation
+
+pytestmark = pytest.mark.timing  # latency or windows under load: make test-noisy runs these beside a busy core
 
 
 def test_saturation_is_the_first_step_near_the_best(tmp_path, capsys):
