@@ -49,7 +49,7 @@ serve: $(VENV)/.serve-installed
 	$(VENV)/bin/bentoml serve service.service:DeepServe --host $(HOST) --port $(PORT)
 
 test: $(VENV)/.dev-installed tools lint
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=15
 
 # System tools from Debian's packages, as root: prometheus + promtool (the monitoring test),
 # wrk (make bench, make stress), haproxy (the replica-crash test), chromium + chromedriver

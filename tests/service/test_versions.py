@@ -225,7 +225,7 @@ def test_a_swap_under_steady_load_drops_nothing_and_every_worker_switches(server
     assert all(w["active"] == "2099-01-01-good" for w in r.json()["workers"])
     statuses = collections.Counter(status for _, status, _ in answers)
     assert set(statuses) == {200}, statuses
-    assert answers[-1][0] - answers[0][0] >= 8 + (done - start) and len(answers) > 100
+    assert answers[0][0] < start - 2 and answers[-1][0] > done + 2 and len(answers) > 100  # load on both sides
     before = {v for t, _, v in answers if t < start}
     after = {v for t, _, v in answers if t > done + 0.5}
     assert before == {OLD} and after == {"2099-01-01-good"}, (before, after)
