@@ -9,7 +9,7 @@ the version they started with. It keeps the active and the previous version load
 rollback is a switch, not a load. A version that fails its checks is never served: the
 worker stays on what it had and says why.
 
-Each worker writes its state to `<model dir>/.status/<host>-<worker>.json` (atomically, with
+Each worker writes its state to `<model dir>/.status/<host>-<server pid>-<worker>.json` (atomically, with
 a heartbeat), which is how the admin API (service.admin) knows when every worker — of this
 pod, or of every pod that shares the model directory — serves a new version.
 
@@ -47,7 +47,13 @@ def status_dir(directory: Path) -> Path:
 
 
 def worker_id() -> str:
-    return f"{socket.gethostname()}-{metrics.worker_index()}"
+    """`<host>-<server pid>-<worker index>`: unique among every server that shares the model
+    directory, the same for a worker its server restarts (it continues that worker's rollout
+    tally). With only host and index, two servers on one host shared their status and tally
+    files: a stopping server deleted the other's status, so an admin swap counted one worker
+    and answered before the other had switched."""
+    supervisor = os.environ.get("DEEPSERVE_SUPERVISOR_PID") or str(os.getppid())
+    return f"{socket.gethostname()}-{supervisor}-{metrics.worker_index()}"
 
 
 class Follower:

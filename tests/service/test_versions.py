@@ -264,6 +264,11 @@ def test_a_family_swaps_as_a_unit(server):
 
 def test_a_restart_serves_the_last_active_version(server, model_dir):
     make_active(server, model_dir, "2099-01-01-good")
+
+    def workers() -> set[str]:
+        return {w["worker"] for w in httpx.get(f"{server.url}/admin/status", headers=ADMIN).json()["workers"]}
+
+    ours = workers()
     again = Server(env={"DEEPSERVE_EXPORTED_DIR": str(model_dir)})  # a fresh start on the same model directory
     try:
         assert digits_version(again) == "2099-01-01-good"
@@ -271,5 +276,11 @@ def test_a_restart_serves_the_last_active_version(server, model_dir):
             "versions"
         ]
         assert versions["previous"] == OLD and set(versions["loaded"]) == {OLD, "2099-01-01-good"}
+        # two servers on one model directory: every worker has a status of its own
+        deadline = time.monotonic() + 10
+        while not workers() > ours:
+            assert time.monotonic() < deadline, (ours, workers())
+            time.sleep(0.2)
     finally:
         again.stop()
+    assert workers() == ours  # the stopped server removed its own status files, not ours
