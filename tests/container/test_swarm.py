@@ -1,7 +1,8 @@
 """Several replicas on a real engine: deploy/swarm/stack.yml on a single-node Docker Swarm (the
 image make image builds, 2 replicas, HAProxy in front finding them through the service's DNS).
 A rolling update to a new image under steady load fails no request; a replica killed with
-SIGKILL under load is replaced by the engine and HAProxy's retries lose no request."""
+SIGKILL under load is replaced by the engine and HAProxy's retries lose no request (an answer
+the kill cuts in flight reaches its client as a broken connection: at most one)."""
 
 from __future__ import annotations
 
@@ -172,7 +173,15 @@ def test_a_replica_killed_with_sigkill_is_replaced_and_no_request_is_lost(stack)
         )
 
     outcomes = under_load(stack, kill)
-    assert outcomes[200] > 40 and set(outcomes) == {200}, f"lost while a replica was killed: {dict(outcomes)}"
+    # HAProxy sends again every request the dead replica had not answered, and every request
+    # routed to it before its health checks fail (seconds of traffic at 4 clients: dozens, each
+    # a 502/503 without the retry policy). What no proxy can replay is an answer the kill cut
+    # in flight (the kernel resets the dead replica's sockets): a client sees that as a broken
+    # connection, never as a silent loss. At most one such cut, and no error status at all.
+    cut = {k: v for k, v in outcomes.items() if k in ("RemoteProtocolError", "ReadError")}
+    assert outcomes[200] > 40 and set(outcomes) <= {200, *cut} and sum(cut.values()) <= 1, (
+        f"lost while a replica was killed: {dict(outcomes)}"
+    )
     assert docker("inspect", "--format", "{{.State.ExitCode}}", victim, check=False).stdout.strip() in ("137", "")
 
 
