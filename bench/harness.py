@@ -181,6 +181,8 @@ def wrk(url: str, body: tuple, connections: int, seconds: float) -> dict:
         "p95_ms": r["p95_ms"],
         "p99_ms": r["p99_ms"],
         "errors": errors,
+        "status_errors": r["status"],  # answered, but not 2xx (a 503 shed among them)
+        "socket_errors": r["connect"] + r["read"] + r["write"] + r["timeout"],  # never answered
         "error_rate": errors / max(1, r["requests"]),
         "requests": r["requests"],
     }

@@ -1,10 +1,12 @@
 """Priority classes on the real server: a heavy client marked `X-Priority: batch` stays off
 other clients' latency (measured against the same heavy client at the default class, in the
-same test, interleaved), its own requests still all complete (no starvation), and a bad
+same test, interleaved), its own requests still progress (no starvation; anything shed is
+an explicit 503), and a bad
 class is a 400 that names the header."""
 
 from __future__ import annotations
 
+import re
 import statistics
 import threading
 import time
@@ -47,6 +49,15 @@ def test_a_heavy_batch_client_stays_off_the_bystanders_and_still_progresses(serv
     classify, generate = bodies
     p95 = {"interactive": [], "batch": []}
     heavy_ok = {"interactive": [], "batch": []}
+    errors_5xx = lambda: sum(  # /generate's server errors other than a 503 shed
+        float(v)
+        for code, v in re.findall(
+            r'deepserve_http_requests_total\{code="(5\d\d)",endpoint="/generate"\} (\S+)',
+            httpx.get(server.url + "/metrics").text,
+        )
+        if code != "503"
+    )
+    before = errors_5xx()
     for cls in ("interactive", "batch", "batch", "interactive"):  # ABBA: drift cancels
         heavy = ("/generate", "application/json", generate, "" if cls == "interactive" else "X-Priority: batch")
         out = {}
@@ -57,10 +68,13 @@ def test_a_heavy_batch_client_stays_off_the_bystanders_and_still_progresses(serv
         t.join()
         assert out["bystanders"]["errors"] == 0, out
         p95[cls].append(out["bystanders"]["p95_ms"])
-        heavy_ok[cls].append((out["heavy"]["requests"], out["heavy"]["errors"]))
+        heavy_ok[cls].append((out["heavy"]["requests"], out["heavy"]["errors"], out["heavy"]["socket_errors"]))
     interactive, batch = statistics.median(p95["interactive"]), statistics.median(p95["batch"])
     assert batch < 0.5 * interactive, p95  # bench/priority.py: p99 39 ms -> 7 ms on 1 worker
-    for requests, errors in heavy_ok["batch"]:
-        assert requests > 20 and errors == 0, heavy_ok  # the batch class progressed and lost nothing
+    # the batch class progressed; on a busy machine some of it may be shed, but only explicitly
+    # (503 with Retry-After), never a timeout, a broken connection or another server error
+    for requests, errors, unanswered in heavy_ok["batch"]:
+        assert requests - errors > 20 and unanswered == 0, heavy_ok
+    assert errors_5xx() == before, heavy_ok
     metrics = httpx.get(server.url + "/metrics").text
     assert 'deepserve_priority_wait_seconds_count{class="batch"}' in metrics
