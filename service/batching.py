@@ -131,13 +131,14 @@ class Batcher:
                 self._count_shed(cls)
                 raise Overloaded(f"{self.name}: no spare capacity for shadow work")
             return
-        if not self.n_queued:  # nothing queued: nobody to be late behind, nothing to shed
+        n_queued = self.n_queued
+        if not n_queued:  # nothing queued: nobody to be late behind, nothing to shed
             return
-        own = len(self.queues[0]) if cls == priority.INTERACTIVE else sum(map(len, self.queues[: cls + 1]))
+        own = len(self.queues[0]) if not cls else sum(map(len, self.queues[: cls + 1]))
         if own and spent_s + self.predicted_wait(rows, cls) > self.max_latency_s:
             self._count_shed(cls)
             raise Overloaded(f"{self.name} is overloaded: the request would wait too long")
-        if own == self.n_queued:  # no lower-class work queued: nothing to make room with
+        if own == n_queued:  # no lower-class work queued: nothing to make room with
             return
         # the whole queue past the limit: lower classes make room, lowest and newest first
         while spent_s + self.predicted_wait(rows, priority.SHADOW) > self.max_latency_s and self._shed_lower(cls):
@@ -182,7 +183,9 @@ class Batcher:
         self.queues[cls].append(_Pending(job, rows, fut, time.monotonic(), alive))
         self.n_queued += 1
         self.rows_by_class[cls] += rows
-        self.gate.queued(cls)
+        gate = self.gate  # gate.queued(cls), inline: once per request on the normal path
+        gate.demand[cls] += 1
+        gate.waiting[cls] += 1
         self._wake.set()
         return await fut
 

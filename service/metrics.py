@@ -225,7 +225,7 @@ class Aggregator:
         self.pending.append((endpoint, timings))
 
     def inc(self, metric: str, labels: tuple, n: float = 1.0) -> None:
-        if priority.current() == priority.SHADOW:  # a mirrored request's trust metrics are not traffic
+        if priority.in_shadow():  # a mirrored request's trust metrics are not traffic
             return
         with self.lock:
             self.counters[(metric, labels)] += n
@@ -242,7 +242,7 @@ class Aggregator:
 
     def observe_many(self, metric: str, labels: tuple, values: list[float]) -> None:
         """observe() for each value, under one lock (a batch's classifications)."""
-        if priority.current() == priority.SHADOW:
+        if priority.in_shadow():
             return
         bounds = self.BUCKETS[metric]
         where = [bisect.bisect_left(bounds, v) for v in values]
@@ -276,7 +276,7 @@ aggregate = Aggregator()
 
 
 def observe_batch(model: str, rows: int, seconds: float) -> None:
-    if priority.current() == priority.SHADOW:  # the candidate's mirrored runs: deepserve_rollout_* only
+    if priority.in_shadow():  # the candidate's mirrored runs: deepserve_rollout_* only
         return
     m = get()
     m.inference_seconds.labels(model).observe(seconds)

@@ -44,6 +44,8 @@ CLIENT_CLASSES = {"interactive": INTERACTIVE, "batch": BATCH}  # what a client m
 SPARE_QUEUE = 2  # higher-class jobs waiting in the worker up to which shadow work is admitted
 
 _local = threading.local()
+_shadow_runs = 0  # batch threads running shadow work now: 0 on the normal path (no thread-local read)
+_shadow_lock = threading.Lock()
 
 
 def current() -> int:
@@ -51,15 +53,28 @@ def current() -> int:
     return getattr(_local, "cls", INTERACTIVE)
 
 
+def in_shadow() -> bool:
+    """Whether this thread runs a shadow batch (its metrics are not traffic). Called for every
+    request's metrics: a module global read while no shadow batch runs anywhere."""
+    return _shadow_runs > 0 and getattr(_local, "cls", INTERACTIVE) == SHADOW
+
+
 @contextlib.contextmanager
 def running_as(cls: int) -> Iterator[None]:
     """Mark this (batch) thread as running work of class `cls`."""
+    global _shadow_runs
     before = current()
     _local.cls = cls
+    if cls == SHADOW:
+        with _shadow_lock:
+            _shadow_runs += 1
     try:
         yield
     finally:
         _local.cls = before
+        if cls == SHADOW:
+            with _shadow_lock:
+                _shadow_runs -= 1
 
 
 class Gate:

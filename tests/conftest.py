@@ -57,20 +57,24 @@ def active_file(name: str) -> Path:
 _collected = iter(range(1 << 30))
 
 
+FOLDER_MARKERS = ("unit", "export", "contract", "service", "deploy", "browser", "container")
+
+
 def pytest_itemcollected(item):
+    """Every test gets the marker of its folder, as it is collected: before `-m` selects (a
+    marker added later, in pytest_collection_modifyitems, is too late for `-m unit`)."""
     item.user_properties.append(("collected", next(_collected)))  # the written order, params included
+    folder = Path(item.fspath).parent.name
+    if folder in FOLDER_MARKERS:
+        item.add_marker(getattr(pytest.mark, folder))
 
 
 @pytest.hookimpl(trylast=True)  # after pytest-randomly's shuffle
 def pytest_collection_modifyitems(items):
-    """Every test gets the marker of its folder. A module that declares `SESSION = True` is one
-    scripted user session (the browser tests: each continues from the page the previous one
-    left): after the shuffle its tests go back to their written order, in the place the shuffle
-    gave them; every other test runs in the shuffled order."""
-    for item in items:
-        folder = Path(item.fspath).parent.name
-        if folder in ("unit", "export", "contract", "service", "deploy", "browser", "container"):
-            item.add_marker(getattr(pytest.mark, folder))
+    """A module that declares `SESSION = True` is one scripted user session (the browser tests:
+    each continues from the page the previous one left): after the shuffle its tests go back to
+    their written order, in the place the shuffle gave them; every other test runs in the
+    shuffled order."""
     slots = [i for i, item in enumerate(items) if getattr(getattr(item, "module", None), "SESSION", False)]
     ordered = sorted((items[i] for i in slots), key=lambda item: dict(item.user_properties)["collected"])
     for i, item in zip(slots, ordered):

@@ -239,3 +239,41 @@ def test_the_shadow_budget_holds_shadow_cpu_to_its_share_however_many_mirrors_ar
     while (charge := budget.admit("digits")) is not None:
         held.append(charge)
     assert len(held) <= 0.02 / cost + 1, len(held)
+
+
+def test_only_the_thread_running_a_shadow_batch_is_in_shadow():
+    """Metrics skip a mirrored run's trust observations (in_shadow), on that batch thread only:
+    another model's thread running client work meanwhile still counts, and the flag is clear
+    again once the shadow batch ends (also when it raised)."""
+    from service import metrics
+
+    inside, other = threading.Event(), threading.Event()
+    seen = {}
+
+    def shadow_thread():
+        with priority.running_as(priority.SHADOW):
+            seen["shadow"] = priority.in_shadow()
+            inside.set()
+            other.wait(5)
+
+    def client_thread():
+        inside.wait(5)
+        with priority.running_as(priority.BATCH):
+            seen["batch"] = priority.in_shadow()
+        seen["plain"] = priority.in_shadow()
+        metrics.aggregate.inc("ood", ("in-shadow-test", "true"))
+        other.set()
+
+    before = metrics.aggregate.counters[("ood", ("in-shadow-test", "true"))]
+    threads = [threading.Thread(target=shadow_thread), threading.Thread(target=client_thread)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(5)
+    assert seen == {"shadow": True, "batch": False, "plain": False}
+    assert metrics.aggregate.counters[("ood", ("in-shadow-test", "true"))] == before + 1
+    with pytest.raises(RuntimeError), priority.running_as(priority.SHADOW):
+        metrics.aggregate.inc("ood", ("in-shadow-test", "true"))  # not counted: a mirrored run
+        raise RuntimeError("the shadow batch failed")
+    assert not priority.in_shadow() and priority._shadow_runs == 0
+    assert metrics.aggregate.counters[("ood", ("in-shadow-test", "true"))] == before + 1
