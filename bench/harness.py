@@ -148,21 +148,25 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def cpu_seconds(session: int) -> float:
-    """CPU seconds (user + system) used so far by every process of the session `session` leads:
-    a server started by `start` and its workers. Unlike req/s it does not count the time the
-    machine's other tenants took from the core (steal), the largest drift here."""
-    tick, total = os.sysconf("SC_CLK_TCK"), 0
+def cpu_seconds(root: int) -> float:
+    """CPU seconds (user + system) used so far by process `root` and every process under it: a
+    server started by `start` and its workers (circus gives each its own session). Unlike
+    req/s it does not count the time the machine's other tenants took from the core (steal),
+    the largest drift here."""
+    stats = {}
     for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:  # exited meanwhile
-            continue
-        if int(fields[3]) == session:  # fields after the name: state ppid pgrp session ... utime stime
-            total += int(fields[11]) + int(fields[12])
-    return total / tick
+        if d.name.isdigit():
+            try:  # fields after the name: state ppid pgrp session ... utime (11) stime (12)
+                f = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # exited meanwhile
+                continue
+            stats[int(d.name)] = (int(f[1]), int(f[11]) + int(f[12]))
+    tree, grew = {root}, True
+    while grew:
+        more = {pid for pid, (ppid, _) in stats.items() if ppid in tree} - tree
+        tree |= more
+        grew = bool(more)
+    return sum(stats[pid][1] for pid in tree if pid in stats) / os.sysconf("SC_CLK_TCK")
 
 
 def wrk(url: str, body: tuple, connections: int, seconds: float) -> dict:
