@@ -48,8 +48,12 @@ $(VENV)/.dev-installed: pyproject.toml $(VENV)/.serve-installed
 serve: $(VENV)/.serve-installed
 	$(VENV)/bin/bentoml serve service.service:DeepServe --host $(HOST) --port $(PORT)
 
+# Two pytest-xdist workers (TEST_WORKERS): a module's tests stay on one worker, the container
+# tests share one (tests/conftest.py: pytest_xdist_make_scheduler); shuffled by
+# pytest-randomly, the seed printed
+TEST_WORKERS ?= 2
 test: $(VENV)/.dev-installed tools lint
-	$(PY) -m pytest --durations=15
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope --durations=15
 
 # System tools from Debian's packages, as root: prometheus + promtool (the monitoring test),
 # wrk (make bench, make stress), haproxy (the replica-crash test), chromium + chromedriver

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import fcntl
 import io
 import json
 import os
@@ -67,6 +69,88 @@ def pytest_itemcollected(item):
     folder = Path(item.fspath).parent.name
     if folder in FOLDER_MARKERS:
         item.add_marker(getattr(pytest.mark, folder))
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`make test` runs two pytest-xdist workers with `--dist loadscope`, scoped and ordered here:
+    - a module's tests run on one worker, in the order the shuffle gave them (its module-scoped
+      servers start once, a SESSION module keeps its written order); the container tests all
+      run on one worker (they share the docker daemon, the image and the swarm); the modules
+      with `heavy` tests form one scope too, so heavy tests never run beside each other.
+      (xdist_group marks would say the same, but `--dist loadgroup` ignores them with pytest
+      9.2: xdist #1386.)
+    - the heavy scope goes first, then the modules without timing tests, then those with
+      timing tests and the container scope: while one worker runs the heavy tests the other
+      runs tests that take no lock (below), instead of waiting for it."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    config.option.loadscopereorder = False  # the order below, not the largest scope first
+    kinds: dict[str, str] = {}
+
+    def kind(module: str) -> str:  # read from the module's source: the controller collects nothing
+        if module not in kinds:
+            text = (REPO / module).read_text() if (REPO / module).is_file() else ""
+            kinds[module] = (
+                "heavy"
+                if "pytest.mark.heavy" in text
+                else "timing"
+                if "pytest.mark.timing" in text or module.startswith("tests/container/")
+                else "light"
+            )
+        return kinds[module]
+
+    class ByModule(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            if module.startswith("tests/container/"):
+                return "tests/container/"
+            return "heavy" if kind(module) == "heavy" else module
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.workqueue = Ranked()
+
+    class Ranked(collections.OrderedDict):
+        """The work queue: a worker asking for work (popitem(last=False)) gets the first scope
+        of the best rank, heavy, then light, then timing."""
+
+        RANK = {"heavy": 0, "light": 1, "timing": 2}
+
+        def popitem(self, last: bool = True):
+            if last:
+                return super().popitem(last=True)
+            scope = min(self, key=lambda s: self.RANK["heavy" if s == "heavy" else kind(s.split("::", 1)[0])])
+            return scope, self.pop(scope)
+
+    return ByModule(config, log)
+
+
+@pytest.fixture(autouse=True)
+def _at_most_one_busy_core_beside_timing_tests(request, testrun_uid):
+    """Under `make test`'s two workers, a `timing` test (latency bounds, time windows) runs with
+    at most one busy core beside it, the condition `make test-noisy` checks: never beside a
+    `heavy` test, one that keeps both cores busy (fuzzing with its own workers, training, load
+    generators, and the tests that bound latency under the load they make themselves). A heavy
+    test takes an exclusive lock shared by the workers, a timing test a shared one (two timing
+    tests may run at once); other tests take none. One worker, or no xdist: no lock
+    (DEEPSERVE_TESTS_NO_CPU_LOCK=1: none either, the control run of the test of this lock)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER") if not os.environ.get("DEEPSERVE_TESTS_NO_CPU_LOCK") else None
+    node = request.node
+    mode = (
+        fcntl.LOCK_EX if node.get_closest_marker("heavy") else fcntl.LOCK_SH if node.get_closest_marker("timing") else 0
+    )
+    if worker is None or not mode:
+        yield
+        return
+    path = Path(tempfile.gettempdir()) / f"deepserve-tests-{testrun_uid}.lock"
+    with open(path, "a") as lock:
+        fcntl.flock(lock, mode)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @pytest.hookimpl(trylast=True)  # after pytest-randomly's shuffle

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from selenium import webdriver
-from selenium.common.exceptions import TimeoutException
+from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
@@ -190,8 +190,12 @@ class Browser:
         return self.driver.execute_async_script(script, *args)
 
     def wait(self, condition, timeout: float = 20, message: str = ""):
+        """Until `condition()` holds; an element the page re-rendered meanwhile (stale) is a retry."""
         try:
-            return WebDriverWait(self.driver, timeout, poll_frequency=0.05).until(lambda _: condition())
+            wait = WebDriverWait(
+                self.driver, timeout, poll_frequency=0.05, ignored_exceptions=(StaleElementReferenceException,)
+            )
+            return wait.until(lambda _: condition())
         except TimeoutException:
             errors = self.js("return [...document.querySelectorAll('.error')].map(e => e.textContent).filter(Boolean)")
             raise AssertionError(f"timed out: {message}; errors on the page: {errors}") from None
@@ -758,16 +762,19 @@ def test_the_rollout_panel_shows_a_running_rollout_then_its_decision(tmp_path):
             assert r.status_code == 200
         browser.collect()
         browser.open("/")
-        rows = lambda: browser.driver.find_elements(By.CSS_SELECTOR, "#rollouts-table tbody tr")
-        browser.wait(lambda: rows() and "of " in rows()[0].text, message="the running rollout with its agreement")
-        text = rows()[0].text
+        # the table is re-rendered every 2 s: read the first row's text in one script (no stale element)
+        first_row = lambda: browser.js(
+            "const r = document.querySelector('#rollouts-table tbody tr'); return r ? r.innerText : ''"
+        )
+        browser.wait(lambda: "of " in first_row(), message="the running rollout with its agreement")
+        text = first_row()
         assert "digits" in text and "2099-05-01-twin" in text and "shadow 100% · canary 30%" in text, text
         assert "100% of" in text and "running" in text, text  # the twin agrees with the active version
         assert "Updates every 2 s" in browser.text("rollouts-note")
         r = httpx.delete(f"{base}/rollout", headers=ADMIN, timeout=30)
         assert r.status_code == 200, r.text
-        browser.wait(lambda: "rolled back" in rows()[0].text, message="the decision, without a reload")
-        assert "stopped by an operator" in rows()[0].text
+        browser.wait(lambda: "rolled back" in first_row(), message="the decision, without a reload")
+        assert "stopped by an operator" in first_row()
         browser.screenshot(RESULTS / "rollouts.png", 1280)
         errors = unexpected(browser.errors())
         assert not errors, errors

@@ -5,10 +5,13 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from bench.report import targets
 from tests.conftest import REPO, require_tools
 
 
+@pytest.mark.heavy  # peers, wrk and the in-process runs: both cores
 @require_tools("wrk")
 def test_bench_smoke(tmp_path):
     out = tmp_path / "bench.json"

@@ -9,8 +9,10 @@ import subprocess
 import sys
 
 import httpx
+import pytest
 
 
+@pytest.mark.heavy  # schemathesis with two workers, and the server: both cores
 def test_schemathesis_finds_no_server_error_and_no_schema_violation(server, tmp_path):
     seed = os.environ.get("DEEPSERVE_FUZZ_SEED", "1")  # fixed for CI; set another to explore
     cmd = [

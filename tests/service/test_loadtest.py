@@ -11,7 +11,9 @@ import pytest
 
 from tests.conftest import REPO
 
-pytestmark = pytest.mark.timing  # latency or windows under load: make test-noisy runs these beside a busy core
+# timing: make test-noisy runs these beside a busy core; heavy: they bound latency under the
+# load they make themselves (both cores): under make test's two workers no timing or heavy test runs beside
+pytestmark = [pytest.mark.timing, pytest.mark.heavy]
 
 
 def run_locust(url: str, out, *extra: str) -> subprocess.CompletedProcess:

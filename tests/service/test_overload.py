@@ -22,7 +22,9 @@ import pytest
 from tests.conftest import FIXTURES
 from tests.service.conftest import Server
 
-pytestmark = pytest.mark.timing  # latency or windows under load: make test-noisy runs these beside a busy core
+# timing: make test-noisy runs these beside a busy core; heavy: they bound latency under the
+# load they make themselves (both cores): under make test's two workers no timing or heavy test runs beside
+pytestmark = [pytest.mark.timing, pytest.mark.heavy]
 
 SECONDS = float(os.environ.get("DEEPSERVE_STRESS_SECONDS", "10"))
 CONCURRENCY = int(os.environ.get("DEEPSERVE_STRESS_CONCURRENCY", "256"))

@@ -17,7 +17,9 @@ import pytest
 from bench.harness import wrk
 from tests.conftest import FIXTURES, require_tools
 
-pytestmark = pytest.mark.timing  # latency or windows under load: make test-noisy runs these beside a busy core
+# timing: make test-noisy runs these beside a busy core; heavy: they bound latency under the
+# load they make themselves (both cores): under make test's two workers no timing or heavy test runs beside
+pytestmark = [pytest.mark.timing, pytest.mark.heavy]
 
 SEVEN = (FIXTURES / "mnist_test0_label7.png").read_bytes()
 
