@@ -11,11 +11,11 @@ export DEEPSERVE_DATA_DIR ?= $(abspath ../shared/datasets)
 endif
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: help serve test test-fast test-noisy lint tools loadtest stress bench bench-framing bench-priority bench-shadow mutants train train-smoke evaluate publish build fixtures settings-table clean gpu-check gpu-verify gpu-stage screenshots image image-gpu test-image-gpu
+.PHONY: help serve test test-fast test-noisy lint tools loadtest stress bench bench-framing bench-priority bench-shadow bench-ab mutants train train-smoke evaluate publish build fixtures settings-table clean gpu-check gpu-verify gpu-stage screenshots image image-gpu test-image-gpu
 
 help:
 	@echo "make serve        serve exported/ models on $(HOST):$(PORT) (PORT=... to change)"
-	@echo "make test         the whole test suite (starts the real server)"
+	@echo "make test         the whole test suite on two workers (starts the real server)"
 	@echo "make test-noisy   the timing-sensitive tests RUNS=5 times in a row beside a busy-loop process"
 	@echo "make train        retrain every model on CPU, then make evaluate (the recorded times add up to ~72 min on 2 cores)"
 	@echo "make train-smoke  every family's --dry-run (one batch, scratch output)"
@@ -31,6 +31,7 @@ help:
 	@echo "make bench-framing  /classify before and after server-side framing (28×28, canvas, photo), ABBA"
 	@echo "make bench-priority the noisy neighbour: bystanders' latency with a heavy client at each priority class"
 	@echo "make bench-shadow   what a 100% shadow costs the primary at moderate load and at saturation (2 workers)"
+	@echo "make bench-ab BASE=c [NEW=c] [INPROCESS=1]  two commits side by side, interleaved (the priority machinery's cost)"
 	@echo "make gpu-check    the GPU image's packages in .venv-gpu-check (~1.6 GB download): CUDA libraries all resolve (docs/gpu.md)"
 	@echo "make gpu-verify   on a GPU: parity, batch sweep, server with batching on/off -> $$OUT (DEVICE=cpu: the 2-minute check here)"
 	@echo "make gpu-stage    onnxruntime-gpu + the serving wheels a device lacks, in parts for the device tool (.stage/RUNBOOK.md)"
@@ -93,6 +94,14 @@ bench-framing: $(VENV)/.dev-installed tools
 # a heavy /generate client at the interactive and at the batch class, bystanders on /classify
 bench-priority: $(VENV)/.dev-installed tools
 	$(PY) -m bench.priority
+
+# two commits side by side: interleaved wrk bursts on every endpoint, or with INPROCESS=1 the
+# /classify text path without HTTP in lockstep chunks (the priority machinery's cost:
+# make bench-ab BASE=99142e7 INPROCESS=1; docs/benchmarks.md)
+BASE ?= HEAD~1
+NEW ?= HEAD
+bench-ab: $(VENV)/.dev-installed tools
+	$(PY) -m bench.ab --base $(BASE) --new $(NEW) $(if $(INPROCESS),--inprocess --rounds 400 --out docs/priority_ab_inprocess_bench.json,)
 
 # a candidate on a 100% shadow against none, interleaved, at 4 and 64 connections
 bench-shadow: $(VENV)/.dev-installed tools
