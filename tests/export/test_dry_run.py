@@ -15,6 +15,13 @@ from training.families import FAMILIES
 DATA = os.environ.get("DEEPSERVE_DATA_DIR", str(REPO.parent / "shared" / "datasets"))
 
 
+def one_core() -> None:
+    """The training process keeps to one core (torch's and ONNX Runtime's threads alike): a dry
+    run is then a busy neighbour of one core at most, which the timing tests allow beside
+    them under make test's two workers (tests/conftest.py), not a `heavy` test."""
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+
+
 def run_training(*args, env=None):
     return subprocess.run(
         [sys.executable, "-m", "training", *args],
@@ -23,13 +30,13 @@ def run_training(*args, env=None):
         text=True,
         env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
         timeout=300,
+        preexec_fn=one_core,
     )
 
 
 @pytest.mark.skipif(  # under CI the datasets must be there: the run fails naming the missing file
     not os.path.isdir(DATA) and not os.environ.get("CI"), reason=f"real datasets not present at {DATA}"
 )
-@pytest.mark.heavy  # torch trains on both cores
 @pytest.mark.parametrize("family", FAMILIES)
 def test_dry_run_trains_exports_and_passes_parity(family, tmp_path):
     out = run_training(family, "--dry-run", "--out", str(tmp_path), "--data-dir", DATA)
