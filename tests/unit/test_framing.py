@@ -112,16 +112,22 @@ def test_degenerate_shapes_answer_a_28x28_image(shape):
 
 
 def test_framing_makes_no_working_copy_larger_than_the_image(mnist500):
-    """Memory: every array framing allocates is smaller than the decoded picture itself."""
+    """Memory: every array framing allocates is smaller than the decoded picture itself.
+    tracemalloc counts every thread's allocations (under make test's xdist workers, execnet's
+    thread receives work meanwhile): framing allocates the same every call and other threads
+    only add, so the least of three peaks, after a first call (lazy imports), is framing's."""
     big = _on_canvas(mnist500[0][0], 3000, 500, 900, 1500, True)  # 9 MB of grey pixels
-    tracemalloc.start()
-    try:
-        out = pp.frame_digit(big)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert out is not None
-    assert peak < big.nbytes / 3, f"peak {peak} bytes for a {big.nbytes}-byte image"
+    assert pp.frame_digit(big) is not None
+    peaks = []
+    for _ in range(3):
+        tracemalloc.start()
+        try:
+            out = pp.frame_digit(big)
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+        assert out is not None
+    assert min(peaks) < big.nbytes / 3, f"peaks {peaks} bytes for a {big.nbytes}-byte image"
 
 
 def test_garment_recipe_round_trips_a_fashion_image(fashion500):
