@@ -136,6 +136,7 @@ def under_load(stack: Stack, action, clients: int = 4) -> collections.Counter:
     return sum((t.outcomes for t in load), collections.Counter())
 
 
+@pytest.mark.heavy  # two replicas of a core each under steady load: both cores
 def test_a_rolling_update_to_a_new_image_under_steady_load_fails_no_request(stack, image):
     new = f"{image.split(':')[0]}:rollout-{uuid.uuid4().hex[:6]}"  # a new image (own id), same content
     build = subprocess.run(
@@ -161,6 +162,7 @@ def test_a_rolling_update_to_a_new_image_under_steady_load_fails_no_request(stac
     assert outcomes[200] > 40 and set(outcomes) == {200}, f"failed during the rolling update: {dict(outcomes)}"
 
 
+@pytest.mark.heavy  # two replicas of a core each under steady load: both cores
 def test_a_replica_killed_with_sigkill_is_replaced_and_no_request_is_lost(stack):
     victim = containers(stack.service)[0]
 
