@@ -71,6 +71,12 @@ def admin(server, method: str, path: str, **kw) -> httpx.Response:
     return httpx.request(method, f"{server.url}/admin/models/digits/{path}", headers=ADMIN, timeout=90, **kw)
 
 
+def load_candidate(server, version: str) -> None:
+    """POST the candidate; a refusal or a timeout shows the answer (each worker's state)."""
+    r = admin(server, "POST", "candidate", json={"version": version})
+    assert r.status_code == 200, r.text
+
+
 def status(server) -> dict:
     return httpx.get(server.url + "/admin/status", headers=ADMIN, timeout=30).json()
 
@@ -183,7 +189,7 @@ def test_rollout_needs_a_candidate_and_a_valid_policy(server, model_dir):
     reset(server, model_dir)
     r = admin(server, "POST", "rollout", json={"shadow": 0.5})
     assert r.status_code == 409 and "has no candidate" in r.json()["error"], r.text
-    assert admin(server, "POST", "candidate", json={"version": TWIN}).status_code == 200
+    load_candidate(server, TWIN)
     for bad in ({"shadow": 1.5}, {"canary": -0.1}, {"policy": {"min_agreement": 2}}, {"sample": 1}):
         r = admin(server, "POST", "rollout", json=bad)
         assert r.status_code == 400 and list(bad)[0] in r.json()["error"], (bad, r.text)
@@ -194,7 +200,7 @@ def test_rollout_needs_a_candidate_and_a_valid_policy(server, model_dir):
 def test_shadow_then_canary_then_automatic_promotion_under_load_fails_no_request(server, model_dir, photos):
     reset(server, model_dir)
     before = active(server)
-    assert admin(server, "POST", "candidate", json={"version": TWIN}).status_code == 200
+    load_candidate(server, TWIN)
     traffic = Clients(server.url, [SEVEN, *photos[:16]])
     traffic.start()
     try:
@@ -299,7 +305,7 @@ def test_a_worker_killed_mid_rollout_comes_back_and_the_tally_loses_nothing(serv
     import signal
 
     reset(server, model_dir)
-    assert admin(server, "POST", "candidate", json={"version": TWIN}).status_code == 200
+    load_candidate(server, TWIN)
     assert admin(server, "POST", "rollout", json={"shadow": 1.0}).status_code == 200  # no policy: it keeps running
 
     def evidence() -> float:
