@@ -120,7 +120,8 @@ class Steady(threading.Thread):
                 time.sleep(0.02)
 
 
-def under_load(stack: Stack, action, clients: int = 4) -> collections.Counter:
+def under_load(stack: Stack, action, clients: int = 4, per_client: list | None = None) -> collections.Counter:
+    """Every client's outcomes together (and each client's apart, into `per_client`)."""
     load = [Steady(stack.url) for _ in range(clients)]
     for t in load:
         t.start()
@@ -133,6 +134,8 @@ def under_load(stack: Stack, action, clients: int = 4) -> collections.Counter:
             t.stop.set()
         for t in load:
             t.join(60)
+    if per_client is not None:
+        per_client.extend(t.outcomes for t in load)
     return sum((t.outcomes for t in load), collections.Counter())
 
 
@@ -174,16 +177,18 @@ def test_a_replica_killed_with_sigkill_is_replaced_and_no_request_is_lost(stack)
             "the engine did not replace the killed replica",
         )
 
-    outcomes = under_load(stack, kill)
+    clients: list = []
+    outcomes = under_load(stack, kill, per_client=clients)
     # HAProxy sends again every request the dead replica had not answered, and every request
     # routed to it before its health checks fail (seconds of traffic at 4 clients: dozens, each
     # a 502/503 without the retry policy). What no proxy can replay is an answer the kill cut
     # in flight (the kernel resets the dead replica's sockets): a client sees that as a broken
-    # connection, never as a silent loss. At most one such cut, and no error status at all.
-    cut = {k: v for k, v in outcomes.items() if k in ("RemoteProtocolError", "ReadError")}
-    assert outcomes[200] > 40 and set(outcomes) <= {200, *cut} and sum(cut.values()) <= 1, (
-        f"lost while a replica was killed: {dict(outcomes)}"
-    )
+    # connection, never as a silent loss. So no error status at all, and at most one cut per
+    # client: the request it had in flight when the kill landed (one run in ~10 cut one; one
+    # today cut 4, one per client); a client cut twice was routed to the dead replica again.
+    cut = ("RemoteProtocolError", "ReadError")
+    assert outcomes[200] > 40 and set(outcomes) <= {200, *cut}, f"lost while a replica was killed: {dict(outcomes)}"
+    assert all(sum(c[k] for k in cut) <= 1 for c in clients), [dict(c) for c in clients]
     assert docker("inspect", "--format", "{{.State.ExitCode}}", victim, check=False).stdout.strip() in ("137", "")
 
 
