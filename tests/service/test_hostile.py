@@ -277,19 +277,15 @@ def test_clients_that_hang_up_cost_no_5xx_no_traceback_and_no_model_work(server)
 def test_every_5xx_counted_reached_a_client_and_hang_ups_while_shed_are_client_closed():
     """At capacity, requests wait for a slot and are shed (503) after a hold; those whose
     clients gave up meanwhile are counted as client_closed. The invariant: the server's 5xx
-    count is exactly the 5xx its clients received, whichever path shed them. The patient
-    clients' work (16 x 512 rows, ~0.1 s each) is several times what two slots serve in the
-    hold, on a fast machine too: some are shed whatever the machine's speed."""
-    server = Server(
-        env={"DEEPSERVE_MAX_CONCURRENCY": "2", "DEEPSERVE_SHED_HOLD_MS": "300", "DEEPSERVE_MAX_GENERATE": "512"}
-    )
+    count is exactly the 5xx its clients received, whichever path shed them."""
+    server = Server(env={"DEEPSERVE_MAX_CONCURRENCY": "2", "DEEPSERVE_SHED_HOLD_MS": "300"})
     try:
         received: list[int] = []
 
         def client(i: int) -> None:
-            impatient = i % 2 != 0  # one in two gives up after 50 ms
+            impatient = i % 4 != 0  # three in four give up after 50 ms
             try:
-                r = httpx.post(server.url + "/generate", json={"n": 512, "seed": i}, timeout=0.05 if impatient else 60)
+                r = httpx.post(server.url + "/generate", json={"n": 64, "seed": i}, timeout=0.05 if impatient else 60)
                 received.append(r.status_code)
             except httpx.TimeoutException:
                 pass
