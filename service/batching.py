@@ -173,9 +173,13 @@ class Batcher:
         alive: Callable[[], bool] | None = None,
         spent_s: float = 0.0,
         cls: int = priority.INTERACTIVE,
+        admit: bool = True,
     ) -> Any:
-        """One validated job in, its result out (batched with concurrent jobs of its class)."""
-        self.admit(rows, spent_s, cls)
+        """One validated job in, its result out (batched with concurrent jobs of its class).
+        `admit=False`: no admission check (a version's warm-up, bounded and never a client's
+        request); queued, it can still be shed to make room for higher classes."""
+        if admit:
+            self.admit(rows, spent_s, cls)
         if self._loop_task is None or self._loop_task.done():  # first use, or a late job for a closed version
             self._wake = asyncio.Event()
             self._loop_task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.name}")

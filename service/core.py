@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from service import metrics, priority
-from service.batching import Batcher
+from service.batching import Batcher, Overloaded
 from service.errors import shown
 from service.metadata import Manifest, MetadataError, read_manifest
 from service.rollout import Rollouts
@@ -276,9 +276,7 @@ class Core:
                 # at start-up nothing else runs; a version loaded later warms up behind client work
                 cls = priority.INTERACTIVE if loaded is None else priority.BATCH
                 for wave in (1, 4, 12):
-                    await asyncio.gather(
-                        *(batcher.submit(j, j.rows, cls=cls) for j in (task.warmup(model) for _ in range(wave)))
-                    )
+                    await asyncio.gather(*(_warm(batcher, task.warmup(model), cls) for _ in range(wave)))
         if loaded is None:
             # everything allocated so far (BentoML, ORT sessions, metadata) lives for the whole
             # process: keep it out of the collector's generations so its pauses stay short
@@ -294,6 +292,24 @@ class Core:
         for ex in self.executors.values():
             ex.shutdown(wait=True)
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
+
+
+async def _warm(batcher: Batcher, job: Job, cls: int, patience_s: float = 60.0) -> None:
+    """One warm-up job through its batcher. Admission control is for clients' requests: a
+    cost model that has seen no batch yet (or a slow first ORT run) predicts waits past
+    max_latency_ms, and a shed warm-up once left a candidate "loading" for good. Queued at the
+    batch class it may still be shed for client work: it then waits and goes again."""
+    deadline = asyncio.get_running_loop().time() + patience_s
+    while True:
+        try:
+            await batcher.submit(job, job.rows, cls=cls, admit=False)
+            return
+        except Overloaded:
+            if asyncio.get_running_loop().time() > deadline:
+                raise ModelLoadError(
+                    f"model {batcher.name!r}: warm-up shed for {patience_s:g} s: client work kept the batcher full"
+                ) from None
+            await asyncio.sleep(0.05)
 
 
 async def _close_when_idle(loaded: Loaded, timeout_s: float = 60.0) -> None:

@@ -56,6 +56,16 @@ def worker_id() -> str:
     return f"{socket.gethostname()}-{supervisor}-{metrics.worker_index()}"
 
 
+def expected(exc: BaseException) -> bool:
+    """A version refused for a reason the operator can act on (a file, its checks, its bars)."""
+    return isinstance(exc, (ModelLoadError, MetadataError, OSError, ValueError))
+
+
+def refusal(exc: BaseException) -> str:
+    """The reason a worker reports for a refused version."""
+    return (str(exc) if expected(exc) else f"internal error while loading: {exc!r}")[:500]
+
+
 class Follower:
     """One worker's view of the manifest: loads, checks and switches family versions."""
 
@@ -140,9 +150,9 @@ class Follower:
         self.candidate_state[family] = {"candidate": version, "candidate_state": "loading", "candidate_error": None}
         try:
             loaded = await self.verify(family, version)
-        except (ModelLoadError, MetadataError, OSError, ValueError) as exc:
-            self.candidate_state[family].update(candidate_state="failed", candidate_error=str(exc)[:500])
-            log.error("family %s candidate %s refused: %s", family, version, exc)
+        except Exception as exc:  # whatever went wrong, never "loading" for good: the admin call waits on it
+            self.candidate_state[family].update(candidate_state="failed", candidate_error=refusal(exc))
+            log.error("family %s candidate %s refused: %s", family, version, exc, exc_info=not expected(exc))
             return
         self.verified.pop((family, version), None)
         self.core.set_candidate(loaded, family)
@@ -166,7 +176,13 @@ class Follower:
             load_family, core.directory, manifest, family, version, core.settings.device, core.threads
         )
         core.serve(loaded)
-        await core.warmup([loaded])
+        try:
+            await core.warmup([loaded])
+        except Exception as exc:  # an ORT error on the warm-up input...: refused, with the reason
+            loaded.shutdown()
+            if isinstance(exc, ModelLoadError):
+                raise
+            raise ModelLoadError(f"version {version} of {family} failed its warm-up: {exc!r}"[:500]) from exc
         self.verified[key] = loaded
         return loaded
 
@@ -175,9 +191,9 @@ class Follower:
         self.write_status()
         try:
             loaded = await self.verify(family, version)
-        except (ModelLoadError, MetadataError, OSError, ValueError) as exc:
-            self.state[family] = {"state": "failed", "target": version, "error": str(exc)[:500]}
-            log.error("family %s version %s refused: %s", family, version, exc)
+        except Exception as exc:  # whatever went wrong, never "loading" for good: the admin call waits on it
+            self.state[family] = {"state": "failed", "target": version, "error": refusal(exc)}
+            log.error("family %s version %s refused: %s", family, version, exc, exc_info=not expected(exc))
             return
         self.verified.pop((family, version), None)
         self.core.activate(loaded)

@@ -102,3 +102,29 @@ def test_a_worker_that_never_switches_gives_504_with_every_worker_s_state(setup)
 def test_the_admin_api_is_off_without_its_key(client):
     r = client.post("/admin/models/digits/load", json={"version": "x"}, headers=ADMIN)
     assert r.status_code == 404 and "admin API is off" in r.json()["error"]
+
+
+def test_warm_up_is_never_shed_by_admission_control(tmp_path, make_app):
+    """A version's warm-up is not a client's request: with a latency bound every queued
+    request would break (10 ms), the core still starts, and a candidate and a new active
+    version still load on every worker. A shed warm-up once left a candidate "loading" until
+    the swap timed out (504)."""
+    root = tmp_path / "exported"
+    shutil.copytree(EXPORTED, root, ignore=shutil.ignore_patterns(".status", ".manifest.lock"))
+    add_version(root, "digits", "2099-03-01-candidate")
+    ip = make_app(exported_dir=root, admin_key="admin", swap_timeout_s=20, max_latency_ms=10)
+    assert ip.core.ready
+    follower = Follower(ip.core, 0.1)
+    ip.client.portal.call(_start, follower)
+    ip.app.follower = follower
+    try:
+        r = ip.client.post("/admin/models/digits/candidate", json={"version": "2099-03-01-candidate"}, headers=ADMIN)
+        assert r.status_code == 200, r.text
+        assert [w["candidate_state"] for w in r.json()["workers"]] == ["serving"], r.text
+        assert ip.client.delete("/admin/models/digits/candidate", headers=ADMIN).status_code == 200
+        r = ip.client.post("/admin/models/digits/load", json={"version": "2099-03-01-candidate"}, headers=ADMIN)
+        assert r.status_code == 200 and r.json()["changed"], r.text
+        digits = next(m for m in ip.client.get("/models").json()["models"] if m["name"] == "digits")
+        assert digits["version"] == "2099-03-01-candidate"
+    finally:
+        ip.client.portal.call(follower.stop)
