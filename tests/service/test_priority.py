@@ -62,17 +62,21 @@ def test_a_heavy_batch_client_stays_off_the_bystanders_and_still_progresses(serv
     before = errors_5xx()
     for cls in ("interactive", "batch", "batch", "interactive"):  # ABBA: drift cancels
         heavy = ("/generate", "application/json", generate, "" if cls == "interactive" else "X-Priority: batch")
+        alone = wrk(server.url, classify, 2, 2)  # this round's floor: whatever else the machine runs
         out = {}
         t = threading.Thread(target=lambda h=heavy, o=out: o.update(heavy=wrk(server.url, h, 48, 5)))
         t.start()
         time.sleep(1.0)  # the heavy client is at full load
         out["bystanders"] = wrk(server.url, classify, 2, 3)
         t.join()
-        assert out["bystanders"]["errors"] == 0, out
-        p95[cls].append(out["bystanders"]["p95_ms"])
+        assert out["bystanders"]["errors"] == 0 and alone["errors"] == 0, (alone, out)
+        p95[cls].append((out["bystanders"]["p95_ms"], alone["p95_ms"]))
         heavy_ok[cls].append((out["heavy"]["requests"], out["heavy"]["errors"], out["heavy"]["socket_errors"]))
-    interactive, batch = statistics.median(p95["interactive"]), statistics.median(p95["batch"])
-    assert batch < 0.5 * interactive, p95  # bench/priority.py: p99 39 ms -> 7 ms on 1 worker
+    # what the heavy client adds to the bystanders' p95 over the same round's floor: a neighbour
+    # on the other core (another test, a CI job) raises the floor of both classes alike and
+    # hid the effect in a ratio of totals (p95 57 -> 35 ms beside a busy worker, against a bound of 0.5)
+    harm = {cls: statistics.median(with_ - floor for with_, floor in rounds) for cls, rounds in p95.items()}
+    assert harm["batch"] < 0.5 * harm["interactive"], (harm, p95)  # bench/priority.py: p99 39 ms -> 7 ms
     # the batch class progressed; on a busy machine some of it may be shed, but only explicitly
     # (503 with Retry-After), never a timeout, a broken connection or another server error
     for requests, errors, unanswered in heavy_ok["batch"]:
