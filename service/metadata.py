@@ -335,8 +335,13 @@ def read_manifest(directory: Path) -> Manifest:
     path = directory / MANIFEST
     if not path.is_file():
         raise MetadataError(f"{path} is missing: no models to serve")
+    return parse_manifest(path.read_bytes(), path)
+
+
+def parse_manifest(raw: bytes, path: Path) -> Manifest:
+    """The manifest from bytes already read (`path` names it in errors)."""
     try:
-        return Manifest.model_validate_json(path.read_bytes())
+        return Manifest.model_validate_json(raw)
     except ValidationError as exc:
         raise MetadataError(f"{path}: {describe(exc)}") from None
 

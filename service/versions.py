@@ -32,7 +32,7 @@ from pathlib import Path
 
 from service import metrics
 from service.core import Core, Loaded, load_family
-from service.metadata import MANIFEST, MetadataError, read_manifest
+from service.metadata import MANIFEST, MetadataError, parse_manifest, read_manifest
 from service.repository import undo_promotion, write_json_atomic
 from service.runtime import ModelLoadError
 
@@ -54,6 +54,10 @@ def worker_id() -> str:
     and answered before the other had switched."""
     supervisor = os.environ.get("DEEPSERVE_SUPERVISOR_PID") or str(os.getppid())
     return f"{socket.gethostname()}-{supervisor}-{metrics.worker_index()}"
+
+
+def _digest(raw: bytes) -> bytes:
+    return hashlib.blake2b(raw, digest_size=16).digest()
 
 
 def expected(exc: BaseException) -> bool:
@@ -88,7 +92,7 @@ class Follower:
         the same size, or onto a recycled inode still differ here (stat fields alone missed
         such changes); the file is a few kB, read once per poll."""
         try:
-            return hashlib.blake2b(self.path.read_bytes(), digest_size=16).digest()
+            return _digest(self.path.read_bytes())
         except OSError:
             return None
 
@@ -104,25 +108,36 @@ class Follower:
         while True:
             await asyncio.sleep(self.poll_s)
             try:
-                stamp = self._stamp()
-                if stamp != self.stamp:
-                    self.stamp = stamp
-                    await self.sync()
-                if time.monotonic() - self._last_write >= HEARTBEAT_S:
-                    self.write_status()
-                if self.rollouts.running and time.monotonic() - self._last_check >= self.core.settings.rollout_check_s:
-                    self._last_check = time.monotonic()
-                    await self.rollouts.check(self)
+                await self.poll()
             except asyncio.CancelledError:
                 raise
             except Exception:  # never let the follower die: the service must keep serving
                 log.exception("following the manifest failed; serving what is loaded")
 
+    async def poll(self) -> None:
+        """One look at the manifest (every poll_s): sync if it differs from what the last sync
+        read; the heartbeat; the running rollouts' checks."""
+        if self._stamp() != self.stamp:
+            await self.sync()
+        if time.monotonic() - self._last_write >= HEARTBEAT_S:
+            self.write_status()
+        if self.rollouts.running and time.monotonic() - self._last_check >= self.core.settings.rollout_check_s:
+            self._last_check = time.monotonic()
+            await self.rollouts.check(self)
+
     async def sync(self) -> None:
         """Bring every family to the manifest's active version (or stay and say why)."""
         async with self._lock:
+            # the stamp is what this sync read, whoever called it: an admin call syncs at once
+            # after its write, and a manifest put back to its old bytes before the next poll
+            # (A, B synced directly, A again) once left that worker holding B for good
             try:
-                manifest = read_manifest(self.core.directory)
+                raw = self.path.read_bytes()
+            except OSError:
+                raw = None
+            self.stamp = None if raw is None else _digest(raw)
+            try:
+                manifest = read_manifest(self.core.directory) if raw is None else parse_manifest(raw, self.path)
             except MetadataError as exc:
                 log.error("manifest is invalid, keeping the loaded versions: %s", exc)
                 return

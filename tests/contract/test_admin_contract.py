@@ -4,6 +4,7 @@ heartbeat, following the manifest) but refuses the new version, or never switche
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 import time
@@ -128,3 +129,25 @@ def test_warm_up_is_never_shed_by_admission_control(tmp_path, make_app):
         assert digits["version"] == "2099-03-01-candidate"
     finally:
         ip.client.portal.call(follower.stop)
+
+
+def test_a_manifest_put_back_before_the_next_poll_is_still_followed(tmp_path, make_app):
+    """The worker that takes an admin call syncs at once after its write; if the manifest is
+    then put back to its old bytes before the next poll (A, B, A), that worker must still
+    follow it. It compared the poll's digest with the last *poll's*, equal to A, and held the
+    candidate for good (a rollout test's reset waited 60 s for it)."""
+    root = tmp_path / "exported"
+    shutil.copytree(EXPORTED, root, ignore=shutil.ignore_patterns(".status", ".manifest.lock"))
+    add_version(root, "digits", "2099-03-01-candidate")
+    before = (root / "manifest.json").read_bytes()
+    ip = make_app(exported_dir=root, admin_key="admin", swap_timeout_s=20)
+    follower = Follower(ip.core, 3600)  # no polling loop: the test takes the polls itself
+    follower.write_status()
+    ip.app.follower = follower
+    r = ip.client.post("/admin/models/digits/candidate", json={"version": "2099-03-01-candidate"}, headers=ADMIN)
+    assert r.status_code == 200 and ip.core.candidates["digits"].version == "2099-03-01-candidate", r.text
+    (root / "manifest.put-back").write_bytes(before)  # A again, byte for byte, as a restore would
+    os.replace(root / "manifest.put-back", root / "manifest.json")
+    ip.client.portal.call(follower.poll)
+    assert ip.core.candidates.get("digits") is None
+    assert follower.candidate_state == {}
