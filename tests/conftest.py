@@ -134,23 +134,35 @@ def _at_most_one_busy_core_beside_timing_tests(request, testrun_uid):
     `heavy` test, one that keeps both cores busy (fuzzing with its own workers, training, load
     generators, and the tests that bound latency under the load they make themselves). A heavy
     test takes an exclusive lock shared by the workers, a timing test a shared one (two timing
-    tests may run at once); other tests take none. One worker, or no xdist: no lock
-    (DEEPSERVE_TESTS_NO_CPU_LOCK=1: none either, the control run of the test of this lock)."""
+    tests may run at once); other tests take none. An `alone` test compares latencies that
+    any neighbour's CPU use confounds: it takes a second lock exclusively, which every other
+    test takes shared, so nothing runs beside it (taken first, in one order: no deadlock).
+    One worker, or no xdist: no lock (DEEPSERVE_TESTS_NO_CPU_LOCK=1: none either, the control
+    run of the test of this lock)."""
     worker = os.environ.get("PYTEST_XDIST_WORKER") if not os.environ.get("DEEPSERVE_TESTS_NO_CPU_LOCK") else None
-    node = request.node
-    mode = (
-        fcntl.LOCK_EX if node.get_closest_marker("heavy") else fcntl.LOCK_SH if node.get_closest_marker("timing") else 0
-    )
-    if worker is None or not mode:
+    if worker is None:
         yield
         return
-    path = Path(tempfile.gettempdir()) / f"deepserve-tests-{testrun_uid}.lock"
-    with open(path, "a") as lock:
-        fcntl.flock(lock, mode)
+    node = request.node
+    cpu = (
+        fcntl.LOCK_EX if node.get_closest_marker("heavy") else fcntl.LOCK_SH if node.get_closest_marker("timing") else 0
+    )
+    alone = fcntl.LOCK_EX if node.get_closest_marker("alone") else fcntl.LOCK_SH
+    folder = Path(tempfile.gettempdir())
+    with open(folder / f"deepserve-tests-{testrun_uid}.alone", "a") as alone_lock:
+        fcntl.flock(alone_lock, alone)
         try:
-            yield
+            if not cpu:
+                yield
+                return
+            with open(folder / f"deepserve-tests-{testrun_uid}.lock", "a") as cpu_lock:
+                fcntl.flock(cpu_lock, cpu)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(cpu_lock, fcntl.LOCK_UN)
         finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+            fcntl.flock(alone_lock, fcntl.LOCK_UN)
 
 
 @pytest.hookimpl(trylast=True)  # after pytest-randomly's shuffle

@@ -3,6 +3,8 @@ so two test files with one name in different folders stop the whole collection."
 
 from collections import Counter
 
+import pytest
+
 from tests.conftest import REPO
 
 
@@ -37,10 +39,12 @@ def test_folder_markers_select_their_folder():
     }
 
 
+@pytest.mark.heavy  # two-worker pytest runs of its own: both cores
 def test_under_two_workers_a_heavy_test_never_runs_beside_a_timing_or_heavy_test(tmp_path):
-    """tests/conftest.py's lock, in real two-worker xdist runs of a module of timing tests and one
-    of heavy tests (each worker takes one module): with the lock no heavy test's run overlaps a
-    timing or another heavy test's; with it switched off (the control) they do overlap."""
+    """tests/conftest.py's locks, in real two-worker xdist runs of a module of timing tests, one
+    of heavy tests, one of `alone` tests and one of unmarked tests: with the locks no heavy
+    test's run overlaps a timing or another heavy test's, and an alone test's overlaps
+    nothing; with them switched off (the control) they do overlap."""
     import json
     import os
     import subprocess
@@ -50,20 +54,25 @@ def test_under_two_workers_a_heavy_test_never_runs_beside_a_timing_or_heavy_test
         "import json, time\nimport pytest\n"
         "from tests.conftest import _at_most_one_busy_core_beside_timing_tests, pytest_xdist_make_scheduler\n"
         "def pytest_configure(config):\n"
-        "    config.addinivalue_line('markers', 'timing: t')\n"
-        "    config.addinivalue_line('markers', 'heavy: h')\n"
+        "    for name in ('timing', 'heavy', 'alone'):\n"
+        "        config.addinivalue_line('markers', f'{name}: -')\n"
         "@pytest.fixture\n"
         "def span(request):\n"
         "    start = time.monotonic()\n"
         "    time.sleep(0.4)\n"
         "    yield\n"
         f"    with open({str(tmp_path / 'spans.jsonl')!r}, 'a') as f:\n"
-        "        kind = 'timing' if request.node.get_closest_marker('timing') else 'heavy'\n"
-        "        f.write(json.dumps([kind, start, time.monotonic()]) + '\\n')\n"
+        "        marks = [m for m in ('alone', 'heavy', 'timing') if request.node.get_closest_marker(m)]\n"
+        "        f.write(json.dumps([(marks or ['light'])[0], start, time.monotonic()]) + '\\n')\n"
     )
-    for kind in ("timing", "heavy"):
-        tests = "".join(f"@pytest.mark.{kind}\ndef test_{kind}_{i}(span):\n    pass\n" for i in range(3))
-        (tmp_path / f"test_{kind}.py").write_text("import pytest\n" + tests)
+    # one worker runs the heavy module while the other runs the mixed one in its written order:
+    # a light test beside the heavy ones (allowed), then an alone and a timing test (each must wait)
+    heavy = "".join(f"@pytest.mark.heavy\ndef test_heavy_{i}(span):\n    pass\n" for i in range(3))
+    mark = {"light": "", "alone": "@pytest.mark.alone\n", "timing": "@pytest.mark.timing\n"}
+    mixed = "".join(f"{mark[k]}def test_{k}_{i}(span):\n    pass\n" for i in range(2) for k in mark)
+    (tmp_path / "test_heavy.py").write_text("import pytest\n" + heavy)
+    (tmp_path / "test_mixed.py").write_text("import pytest\n" + mixed)
+    kinds = sorted(["heavy"] * 3 + ["light", "alone", "timing"] * 2)
 
     def overlaps(lock: bool) -> list:
         (tmp_path / "spans.jsonl").unlink(missing_ok=True)
@@ -89,9 +98,15 @@ def test_under_two_workers_a_heavy_test_never_runs_beside_a_timing_or_heavy_test
         )
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
         spans = [json.loads(line) for line in (tmp_path / "spans.jsonl").read_text().splitlines()]
-        assert sorted(k for k, _, _ in spans) == ["heavy"] * 3 + ["timing"] * 3
-        heavy = [(a, b) for k, a, b in spans if k == "heavy"]
-        return [(h, (c, d)) for h in heavy for _, c, d in spans if (c, d) != h and c < h[1] and h[0] < d]
+        assert sorted(k for k, _, _ in spans) == kinds
+        clash = lambda a, b: a[0] == "alone" or (a[0] == "heavy" and b[0] != "light")
+        return [
+            (a, b)
+            for a in spans
+            for b in spans
+            if a is not b and b[1] < a[2] and a[1] < b[2] and (clash(a, b) or clash(b, a))
+        ]
 
-    assert overlaps(lock=False), "the control: without the lock the two workers' tests overlap"
+    control = overlaps(lock=False)
+    assert {a[0] for a, _ in control} >= {"alone", "timing"}, ("the control: without the locks they overlap", control)
     assert not overlaps(lock=True)
