@@ -1,6 +1,7 @@
 """Two replicas behind a real load balancer (HAProxy, deploy/haproxy/haproxy.cfg): when
 every process of one replica is SIGKILLed under load, the requests that were in flight on it
-are retried on the other one, and no client sees a failure."""
+are retried on the other one: no client sees an error status, and only an answer the crash
+cut after its first bytes had left reaches its client as a broken connection."""
 
 from __future__ import annotations
 
@@ -49,15 +50,18 @@ def test_a_replica_killed_under_load_loses_no_request(tmp_path):
     )
     url = f"http://127.0.0.1:{port}"
     outcomes, stop = collections.Counter(), threading.Event()
+    cuts: list[float] = []  # when each request that ended in a broken connection was sent
 
     def client() -> None:
         with httpx.Client(timeout=60) as c:
             while not stop.is_set():
+                sent = time.monotonic()
                 try:
                     r = c.post(url + "/classify", files={"image": ("7.png", SEVEN, "image/png")})
                     outcomes[r.status_code if r.status_code != 200 or r.json()["label"] == "7" else "wrong"] += 1
                 except httpx.HTTPError as exc:
                     outcomes[type(exc).__name__] += 1
+                    cuts.append(sent)
 
     try:
         deadline = time.monotonic() + 30
@@ -79,6 +83,7 @@ def test_a_replica_killed_under_load_loses_no_request(tmp_path):
         )
         before = outcomes[200]
         kill_replica(b)
+        killed = time.monotonic()  # every process of b is dead by now
         time.sleep(6)
         stop.set()
         for t in clients:
@@ -91,4 +96,11 @@ def test_a_replica_killed_under_load_loses_no_request(tmp_path):
         b.stop()
     assert served_by_b, "replica b never served: the crash proved nothing"
     assert before > 100 and outcomes[200] > before + 100, outcomes
-    assert set(outcomes) == {200}, f"requests lost when a replica crashed: {dict(outcomes)}"
+    # HAProxy sends again every request b had not begun to answer. What no proxy can replay is
+    # an answer the crash cut after its first bytes had left (uvicorn writes the head and the
+    # body apart; the kernel resets a killed process's sockets): its client sees a broken
+    # connection, never a silent loss or a 5xx. So: no status but 200, and every broken
+    # connection belongs to a request sent before b was dead (1 in 4,067 in one run of ~20).
+    cut = {"RemoteProtocolError", "ReadError"}
+    assert set(outcomes) <= {200, *cut}, f"requests lost when a replica crashed: {dict(outcomes)}"
+    assert all(sent < killed for sent in cuts), ([round(sent - killed, 3) for sent in cuts], dict(outcomes))
