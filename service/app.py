@@ -500,7 +500,7 @@ class App:
             return await self.model_work(req, route, params)
         except ApiError as exc:
             if exc.status in (429, 503) and not getattr(exc, "held", False):
-                await self.hold()
+                await self.hold(req)
             if self.gone(req, exc.reason):
                 return None
             headers = {"Allow": exc.extra.pop("allow")} if "allow" in exc.extra else None
@@ -509,7 +509,7 @@ class App:
             metrics.reject(req.endpoint, "client_closed")
             return None
         except Overloaded as exc:
-            await self.hold()
+            await self.hold(req)
             if self.gone(req, "overloaded"):
                 return None
             return self.error(req, 503, f"{exc}; retry shortly")
@@ -593,11 +593,15 @@ class App:
         if not hmac.compare_digest(given.encode(), key.encode()):
             raise ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "unauthorized")
 
-    async def hold(self) -> None:
-        """Hold an overload answer briefly: a client that retries at once then costs one
-        rejection per hold instead of spinning the CPU on them."""
+    async def hold(self, req: Request) -> None:
+        """Hold an overload answer until the hold has passed since the request arrived: a
+        client that retries at once then costs one rejection per hold instead of spinning the
+        CPU on them. A request that already waited (for a slot, then shed by the batcher) is
+        not held a second time: such 503s took two holds (p95 0.75 s against 0.5 s served)."""
         if self._hold:
-            await asyncio.sleep(self._hold)
+            left = self._hold - (time.perf_counter() - req.start)
+            if left > 0:
+                await asyncio.sleep(left)
 
     def error(self, req: Request, status: int, message: str, headers: dict | None = None, **extra) -> Response:
         headers = dict(headers or {})
