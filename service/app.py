@@ -169,8 +169,10 @@ class Request:
         return r
 
     def hung_up(self) -> bool:
-        """True once the client's connection is closed (as far as the server can tell)."""
-        return self._hung_up is not None and self._hung_up()
+        """True once the client's connection is closed, as far as the kernel can tell: the
+        event loop's flag, else a look at the socket itself (a loop that was blocked runs a
+        due timer, the end of a shed's hold, before it reads the hang-up that came first)."""
+        return self._hung_up is not None and (self._hung_up() or compat.peer_closed(self.receive))
 
     def alive(self) -> bool:
         """False once the client has hung up (or the request was given up)."""

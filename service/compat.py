@@ -11,6 +11,7 @@ costs nothing until one is used (`bentoml._internal` pulls in BentoML's configur
 from __future__ import annotations
 
 import importlib
+import select
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 PINNED_BENTOML = "1.4.39"
 PINNED_PROMETHEUS_CLIENT = "0.26.0"
 PINNED_UVICORN = "0.54.0"
+POLLRDHUP = getattr(select, "POLLRDHUP", 0x2000)  # the peer shut its side down (Linux)
 
 # exporter_type -> protocol -> the module BentoML imports in each worker
 # (bentoml/_internal/configuration/containers.py, tracer_provider)
@@ -159,6 +161,25 @@ def disconnect_probe(receive) -> Callable[[], bool] | None:
     if not hasattr(cycle, "disconnected"):
         return None
     return lambda: cycle.disconnected
+
+
+def peer_closed(receive) -> bool:
+    """Whether the kernel already holds the client's hang-up (FIN or RST) on this request's
+    connection, read or not: an event loop that was busy runs a timer that fell due before it
+    polls its sockets (uvloop does), so `disconnected` can lag a hang-up by as long as the
+    loop was blocked. One poll(2) of the socket, for answers that follow a wait."""
+    cycle = getattr(receive, "__self__", None)
+    transport = getattr(cycle, "transport", None)
+    if transport is None:
+        return False
+    if transport.is_closing():
+        return True
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return False
+    poller = select.poll()
+    poller.register(sock.fileno(), POLLRDHUP)  # POLLHUP and POLLERR (a reset) are always reported
+    return bool(poller.poll(0))
 
 
 def uvicorn_server(sigterm_handler):

@@ -144,6 +144,7 @@ def _at_most_one_busy_core_beside_timing_tests(request, testrun_uid):
         yield
         return
     node = request.node
+    waited = time.monotonic()
     cpu = (
         fcntl.LOCK_EX if node.get_closest_marker("heavy") else fcntl.LOCK_SH if node.get_closest_marker("timing") else 0
     )
@@ -153,16 +154,31 @@ def _at_most_one_busy_core_beside_timing_tests(request, testrun_uid):
         fcntl.flock(alone_lock, alone)
         try:
             if not cpu:
+                _timeline(worker, node.nodeid, waited)
                 yield
                 return
             with open(folder / f"deepserve-tests-{testrun_uid}.lock", "a") as cpu_lock:
                 fcntl.flock(cpu_lock, cpu)
+                _timeline(worker, node.nodeid, waited)
                 try:
                     yield
                 finally:
                     fcntl.flock(cpu_lock, fcntl.LOCK_UN)
         finally:
             fcntl.flock(alone_lock, fcntl.LOCK_UN)
+
+
+def _timeline(worker: str, nodeid: str, waited: float) -> None:
+    """DEEPSERVE_TESTS_TIMELINE=file: each test's worker, start and time spent waiting for the
+    locks, one JSON line per test (where a two-worker run's minutes go: docs/testing.md)."""
+    path = os.environ.get("DEEPSERVE_TESTS_TIMELINE")
+    if path:
+        now = time.time()
+        with open(path, "a") as f:
+            f.write(
+                json.dumps({"worker": worker, "test": nodeid, "start": now, "lock_wait": time.monotonic() - waited})
+                + "\n"
+            )
 
 
 @pytest.hookimpl(trylast=True)  # after pytest-randomly's shuffle

@@ -130,7 +130,7 @@ def train(cfg: Config, family: str) -> common.Trained:
     tr, va = data.split_indices(len(x_all), cfg.n_val, cfg.seed)
     x_tr, y_tr = x_all[tr][:, None], labels[tr]  # (N, 1, 28, 28) pixels in [0, 1]
     if cfg.wild:
-        n = 256 if cfg.dry_run else cfg.wild
+        n = 64 if cfg.dry_run else cfg.wild
         wild_x, wild_y = training_wild(cfg, images[tr], labels[tr], n)
         x_tr, y_tr = np.concatenate([x_tr, pp.scale_pixels(wild_x)[:, None]]), np.concatenate([y_tr, wild_y])
     x_tr, y_tr = torch.from_numpy(x_tr), torch.from_numpy(y_tr)

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir, img_dir = common.out_dirs(cfg)
     finish = None
     if family.trust:  # calibration and out-of-distribution detection, fitted on the validation split
-        finish = finisher(resolve_data_dir(cfg.data_dir), limit=2000 if cfg.dry_run else None)
+        finish = finisher(resolve_data_dir(cfg.data_dir), limit=500 if cfg.dry_run else None)
     version = export_family(family.name, trained.parts, out_dir, trained.training, activate=not inactive, finish=finish)
     common.plot_curves(trained.history, img_dir / f"{family.name}_curves.png", f"{family.name}: training")
     print(f"VERSION {family.name} {version}", flush=True)

@@ -95,7 +95,7 @@ def build_image(
     framing = pre.get("framing", "none")
     if framing != "none":  # uploads as people send them, framed as served, are in distribution too
         fams = wild.DIGIT_FAMILIES if framing == "digit" else wild.GARMENT_FAMILIES
-        n_tr, n_va = (256, 128) if limit else (6000, 2000)
+        n_tr, n_va = (64, 32) if limit else (6000, 2000)
         cache = None if limit else RUNS_WILD
         w_tr, wy_tr = wild.framed_set(
             images[tr], labels[tr], fams, n_tr, 30_000, framing, cache and cache / f"{family.dataset}-ood-train.npz"
@@ -137,7 +137,7 @@ def build_image(
     if family.trust.glyphs:
         image_pre = ImagePre(**{k: v for k, v in pre.items() if k in ImagePre.model_fields})
         heldout_fonts = sets.heldout_fonts(heldout_fonts)
-        n_glyphs = 60 * 6 if limit else sets.GLYPH_N
+        n_glyphs = 20 * 6 if limit else sets.GLYPH_N
         cache = None if limit else sets.glyph_cache(n_glyphs, heldout_fonts)
         glyphs = {k: norm(v) for k, v in sets.glyph_sets(image_pre, n_glyphs, heldout_fonts, cache).items()}
         f_glyph = graph.run_batches(sess, glyphs["fit"], [feat_name])[feat_name]

@@ -249,6 +249,29 @@ def settled(url: str, name: str, *labels: str, quiet: float = 0.6, deadline: flo
     return lines
 
 
+def hang_up(sock: socket.socket) -> int | None:
+    """Close a client's connection; the status of an answer already in its buffer, if one is.
+    An answer that arrived before the hang-up reached the client (the server cannot tell a
+    client that stopped reading from one that is slow): a machine that stalls the client
+    past the server's hold makes such answers, and they are the client's, not a leak."""
+    sock.setblocking(False)
+    try:
+        head = sock.recv(12, socket.MSG_PEEK)
+    except (BlockingIOError, ConnectionError):
+        head = b""
+    sock.close()
+    return int(head[9:12]) if head.startswith(b"HTTP/1.1 ") and head[9:12].isdigit() else None
+
+
+def post_generate(sock: socket.socket, seed: int) -> None:
+    body = json.dumps({"n": 64, "seed": seed}).encode()
+    sock.sendall(
+        b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + b"Content-Length: %d\r\n\r\n" % len(body)
+        + body
+    )
+
+
 def test_clients_that_hang_up_cost_no_5xx_no_traceback_and_no_model_work(server):
     before = scrape_lines(server.url)
     head = b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=zz\r\nContent-Length: 10000\r\n\r\n--zz\r\n"
@@ -258,17 +281,25 @@ def test_clients_that_hang_up_cost_no_5xx_no_traceback_and_no_model_work(server)
         time.sleep(0.01)
         sock.close()
 
-    def impatient(i: int) -> None:  # while queued behind a burst of large generations
-        with contextlib.suppress(httpx.TimeoutException):
-            httpx.post(server.url + "/generate", json={"n": 64, "seed": i}, timeout=0.05)
+    def impatient(i: int) -> int | None:  # gives up after 50 ms, queued behind a burst of large generations
+        sock = socket.create_connection(("127.0.0.1", server.port))
+        post_generate(sock, i)
+        time.sleep(0.05)
+        return hang_up(sock)
 
     with concurrent.futures.ThreadPoolExecutor(32) as pool:
-        list(pool.map(impatient, range(64)))
+        answered = [code for code in pool.map(impatient, range(64)) if code is not None]
     lines = settled(server.url, "deepserve_batch_rows_sum", 'model="generator"')
     delta = lambda name, *labels: metric_total(lines, name, *labels) - metric_total(before, name, *labels)
     closed = delta("deepserve_rejected_requests_total", "client_closed")
     assert closed >= 30, [line for line in lines if "rejected" in line]
-    assert delta("deepserve_http_requests_total", 'code="5') == 0, [ln for ln in lines if 'code="5' in ln]
+    # no 5xx for a client that had hung up: the only ones counted are answers that were already
+    # in a client's buffer when it closed (none, unless this machine stalled the client past the hold)
+    got_5xx = sum(1 for code in answered if code >= 500)
+    assert delta("deepserve_http_requests_total", 'code="5') == got_5xx, (
+        answered,
+        [ln for ln in lines if 'code="5' in ln],
+    )
     assert "Traceback" not in server.log() and "Exception in ASGI" not in server.log()
     # the generations whose clients were gone before their batch started never ran: fewer rows
     # than the 64 requests × 64 rows asked for reached the generator (counted from this test's start)
@@ -291,21 +322,15 @@ def test_every_5xx_counted_reached_a_client_and_hang_ups_while_shed_are_client_c
         received: list[int] = []
         for rnd in range(2):
             socks = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(32)]
-            requests = []
-            for i in range(32):
-                body = json.dumps({"n": 64, "seed": rnd * 32 + i}).encode()
-                requests.append(
-                    b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                    + b"Content-Length: %d\r\n\r\n" % len(body)
-                    + body
-                )
-            for sock, request in zip(socks, requests):
-                sock.sendall(request)
+            for i, sock in enumerate(socks):
+                post_generate(sock, rnd * 32 + i)
             time.sleep(0.05)
             patient = []
             for i, sock in enumerate(socks):
                 if i % 4:
-                    sock.close()  # gave up after 50 ms
+                    code = hang_up(sock)  # gave up after 50 ms
+                    if code is not None:  # unless a stalled client had its answer already
+                        received.append(code)
                 else:
                     patient.append(sock)
             for sock in patient:

@@ -151,12 +151,20 @@ def until(check, what: str, seconds: float = 5.0):
 def test_connection_state_and_hang_ups_are_read_from_a_real_uvicorn(http):
     import uvicorn
 
-    release, probes = threading.Event(), []
+    release, probes, receives = threading.Event(), [], []
+    arrived, client_gone, seen = threading.Event(), threading.Event(), []
 
     async def app(scope, receive, send):
         if scope["type"] != "http":
             return
         probes.append(compat.disconnect_probe(receive))
+        receives.append(receive)
+        if scope["path"] == "/block":  # the loop is blocked while the client hangs up
+            arrived.set()
+            client_gone.wait(5)
+            time.sleep(0.05)  # the FIN has reached the kernel; the loop has not polled since
+            seen.append((probes[-1](), compat.peer_closed(receive)))
+            return
         while not release.is_set() and not probes[-1]():
             await asyncio.sleep(0.01)
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
@@ -178,7 +186,7 @@ def test_connection_state_and_hang_ups_are_read_from_a_real_uvicorn(http):
         client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         until(lambda: probes, "the request did not arrive")
         assert probes[0] is not None, f"receive is no longer bound to a cycle with `disconnected` {UVICORN}"
-        assert not probes[0]()
+        assert not probes[0]() and not compat.peer_closed(receives[0]), "a live client is not hung up"
         until(lambda: [c for _, c in compat.connections(server) if c is False], "a busy connection is not busy")
         release.set()
         assert client.recv(1024).startswith(b"HTTP/1.1 200")
@@ -191,6 +199,15 @@ def test_connection_state_and_hang_ups_are_read_from_a_real_uvicorn(http):
         until(lambda: len(probes) == 2, "the second request did not arrive")
         hung.close()
         until(probes[1], "a client that hung up is not seen as disconnected")
+        assert compat.peer_closed(receives[1])
+
+        blocked = socket.create_connection(sock.getsockname())
+        blocked.sendall(b"GET /block HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert arrived.wait(5), "the blocking request did not arrive"
+        blocked.close()
+        client_gone.set()
+        until(lambda: seen, "the blocked app did not look")
+        assert seen == [(False, True)], f"the kernel's hang-up is not seen through the socket {UVICORN}"
     finally:
         release.set()
         server.should_exit = True
