@@ -249,7 +249,9 @@ class Server:
         full_env = {**os.environ, **(env or {})}
         # BentoML wipes $BENTOML_HOME/prometheus_multiproc_dir when a server starts: servers
         # that share a BENTOML_HOME erase each other's metrics (docs/operations.md)
-        full_env.setdefault("BENTOML_HOME", tempfile.mkdtemp(prefix=f"bentoml-{self.port}-"))
+        self.home = None  # a BENTOML_HOME made here is removed by stop(); a given one is the caller's
+        if "BENTOML_HOME" not in full_env:
+            self.home = full_env["BENTOML_HOME"] = tempfile.mkdtemp(prefix=f"bentoml-{self.port}-")
         full_env.pop("PYTHONPATH", None)
         if pythonpath:
             full_env["PYTHONPATH"] = str(REPO)
@@ -288,6 +290,8 @@ class Server:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+        if self.home:
+            shutil.rmtree(self.home, ignore_errors=True)
         return self.proc.returncode
 
 
