@@ -49,7 +49,7 @@ async def infer(
         if target is not None and not (tensors and target[0].meta.inputs != model.meta.inputs):
             (model, batcher), role = target, "canary"
     batcher.admit(1, cls=cls)  # shed before decoding anything when the model's queue is already too long
-    async with app.work():
+    async with app.work(req):
         job = await decode(model)
         if req.span is not None and req.span.is_recording():  # sampled: the batch span links back to it
             job.info["span"] = req.span

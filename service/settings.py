@@ -42,7 +42,7 @@ class Settings(BaseSettings):
         128,
         ge=1,
         le=100000,
-        description="model requests in flight per worker; past it a request waits up to SHED_HOLD_MS for a slot, then 503",
+        description="model requests in flight per worker; past it a request waits for a slot until SHED_HOLD_MS after it arrived, then 503",
     )
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024, description="larger request bodies get 413")
     max_image_pixels: int = Field(
@@ -104,7 +104,7 @@ class Settings(BaseSettings):
         500,
         ge=0,
         le=5000,
-        description="at capacity, how long a request waits for a slot (first come, first served) and an overload 503 is held: clients that retry at once cannot spin",
+        description="at capacity, a request waits for a slot (first come, first served) until this long after it arrived; no overload 503 leaves earlier: clients that retry at once cannot spin",
     )
     max_images: int = Field(64, ge=1, le=1024, description="most images in one /classify request")
     max_texts: int = Field(64, ge=1, le=1024, description="most texts in one /classify request")

@@ -1,7 +1,12 @@
 """Settings change what clients see: API key, limits, batching, CORS, the request timeout."""
 
+import asyncio
+import time
+import types
+
 import numpy as np
 
+from service.errors import ApiError
 from tests.conftest import png
 
 
@@ -63,3 +68,32 @@ def test_a_request_over_the_timeout_gets_a_504_not_a_hang(make_app):
     c = make_app(request_timeout_s=0.001).client
     r = c.post("/generate", json={"n": 64, "seed": 1})
     assert r.status_code == 504 and "did not finish within 0.001 s" in r.json()["error"]
+
+
+def test_the_slot_wait_ends_a_shed_hold_after_arrival_not_after_the_body(make_app):
+    """At capacity a request waits for a slot until DEEPSERVE_SHED_HOLD_MS after it *arrived*:
+    one whose body took longer than the hold is answered 503 at once, not a second hold later
+    (a wait counted from the body's arrival added the body's time to every such 503); one that
+    arrives now waits the whole hold; a slot freed within the hold goes to the waiter."""
+    ip = make_app(max_concurrency=1, shed_hold_ms=1000)
+    app = ip.app
+
+    async def ask(arrived_ago: float, free_after: float | None = None):
+        req = types.SimpleNamespace(start=time.perf_counter() - arrived_ago)
+        if free_after is not None:
+            asyncio.get_running_loop().call_later(free_after, app.slots.release)
+        started = time.perf_counter()
+        try:
+            async with app.work(req):
+                return "slot", time.perf_counter() - started
+        except ApiError as exc:
+            return exc.status, time.perf_counter() - started
+
+    assert ip.client.portal.call(app.slots.acquire, 0)  # the one slot is busy
+    status, waited = ip.client.portal.call(ask, 1.5)  # its body took 1.5 s to arrive
+    assert status == 503 and waited < 0.5, waited  # before: 1.0 s more
+    status, waited = ip.client.portal.call(ask, 0.0)
+    assert status == 503 and waited >= 0.99, waited  # the whole hold
+    status, waited = ip.client.portal.call(ask, 0.0, 0.2)
+    assert status == "slot" and waited < 0.99, waited  # the freed slot went to the waiter
+    assert app.slots.taken == 0 and not app.slots.waiters
